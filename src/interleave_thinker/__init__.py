@@ -1,0 +1,1 @@
+"""Interleaved text-image generation: planner, generator and critic on a resumable LangGraph."""

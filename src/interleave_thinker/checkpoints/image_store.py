@@ -1,0 +1,151 @@
+"""Content-addressed image files under the run directory: atomic writes, verified reads."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+from interleave_thinker.errors import ImageError
+from interleave_thinker.state import MEDIA_SUFFIXES, ImageRef
+
+_PIL_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+# Larger images are refused before decoding: a small file can claim billions of pixels.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either no file or the whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    # The rename itself must reach the disk, or a power cut can undo it.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def inspect_image(data: bytes, *, what: str = "image") -> tuple[str, int, int]:
+    """Decode ``data`` fully and return (media type, width, height); raise ImageError if unusable."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(
+            f"{what} is {len(data)} bytes, over the {MAX_IMAGE_BYTES} byte limit",
+            hint="resize or recompress the image",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ImageError(
+                        f"{what} has {width}x{height} pixels, over the {MAX_IMAGE_PIXELS} limit",
+                        hint="resize the image",
+                    )
+                fmt = image.format or ""
+                image.load()
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise ImageError(
+            f"{what} could not be decoded: {exc}", hint="use a PNG, JPEG or WebP file"
+        ) from exc
+    media_type = _PIL_MEDIA_TYPES.get(fmt)
+    if media_type is None:
+        raise ImageError(
+            f"{what} is {fmt or 'an unknown format'}, not PNG, JPEG or WebP",
+            hint="convert it to PNG",
+        )
+    return media_type, width, height
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of a PIL image (converted to RGB or RGBA first)."""
+    if image.mode not in ("RGB", "RGBA"):
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class ImageStore:
+    """Images stored once by their sha256 under ``root``; a reference can only name a hash."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path_for(self, ref: ImageRef) -> Path:
+        # ImageRef validates the digest and media type, so nothing user-supplied reaches the path.
+        return self.root / ref.sha256[:2] / f"{ref.sha256}{MEDIA_SUFFIXES[ref.media_type]}"
+
+    def put(self, data: bytes, *, what: str = "image") -> ImageRef:
+        """Store encoded image bytes (PNG, JPEG or WebP) and return their reference."""
+        media_type, width, height = inspect_image(data, what=what)
+        ref = ImageRef(
+            sha256=hashlib.sha256(data).hexdigest(),
+            media_type=media_type,
+            width=width,
+            height=height,
+        )
+        path = self.path_for(ref)
+        if not (path.exists() and self._matches(path, ref)):
+            write_atomically(path, data)
+        return ref
+
+    def put_image(self, image: Image.Image) -> ImageRef:
+        """Store a PIL image as PNG."""
+        return self.put(encode_png(image))
+
+    def read(self, ref: ImageRef) -> bytes:
+        """The bytes of ``ref``, verified against its hash."""
+        path = self.path_for(ref)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ImageError(
+                f"image {ref.short} is missing from the image store at {self.root}",
+                hint="the run directory was moved or cleaned; point --run-dir at the original",
+            ) from exc
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise ImageError(
+                f"image file {path} does not match its hash {ref.short}: it was changed or damaged",
+                hint="restore the run directory from a backup or rerun the thread",
+            )
+        return data
+
+    def open(self, ref: ImageRef) -> Image.Image:
+        """The image of ``ref`` as a loaded PIL image."""
+        image = Image.open(io.BytesIO(self.read(ref)))
+        image.load()
+        return image
+
+    def contains(self, ref: ImageRef) -> bool:
+        path = self.path_for(ref)
+        return path.exists() and self._matches(path, ref)
+
+    @staticmethod
+    def _matches(path: Path, ref: ImageRef) -> bool:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256
+
+
+def blank_canvas(store: ImageStore, width: int, height: int) -> ImageRef:
+    """A white image of the given size: the 'previous image' the critic sees before step 1."""
+    return store.put_image(Image.new("RGB", (width, height), "white"))

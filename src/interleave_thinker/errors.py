@@ -1,0 +1,43 @@
+"""The project's exceptions: each carries a one-line message and a hint for what to do."""
+
+from __future__ import annotations
+
+
+class InterleaveError(Exception):
+    """Base of every error the CLI reports as one line plus a hint."""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ImageError(InterleaveError):
+    """An image file is missing, damaged, too large or of an unsupported format."""
+
+
+class UnknownThreadError(InterleaveError):
+    """No thread with this id exists in the checkpointer."""
+
+
+class SettingsMismatchError(InterleaveError):
+    """A thread was resumed with a request or settings other than the ones it started with."""
+
+
+class ModelOutputError(InterleaveError):
+    """The planner or critic kept printing output that could not be parsed."""
+
+
+class ConfigurationError(InterleaveError):
+    """A setting, profile, URL or identifier is invalid."""
+
+
+class GeneratorError(InterleaveError):
+    """The image generator failed permanently (retrying will not help)."""
+
+
+class TransientGeneratorError(Exception):
+    """The image generator failed in a way that a retry may fix (timeouts, overload)."""

@@ -1,0 +1,278 @@
+"""Typed records of a trajectory and the graph state that carries them (references only, no bytes)."""
+
+from __future__ import annotations
+
+import re
+import hashlib
+import json
+from typing import Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+# Media types the image store accepts, with the file suffix each is stored under.
+MEDIA_SUFFIXES: dict[str, str] = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+}
+
+
+class _Record(BaseModel):
+    """Base of every record: unknown fields are errors, records never change after creation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageRef(_Record):
+    """A content-addressed image: the state holds this, the bytes live in the image store."""
+
+    sha256: str
+    media_type: str
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        # The digest becomes a file name: anything but 64 lowercase hex digits is refused.
+        if not SHA256_PATTERN.fullmatch(value):
+            raise ValueError("sha256 must be 64 lowercase hexadecimal digits")
+        return value
+
+    @field_validator("media_type")
+    @classmethod
+    def _known_media_type(cls, value: str) -> str:
+        if value not in MEDIA_SUFFIXES:
+            raise ValueError(f"media type {value!r} is not one of {sorted(MEDIA_SUFFIXES)}")
+        return value
+
+    @property
+    def short(self) -> str:
+        """The first 12 hex digits, enough to tell images apart in listings."""
+        return self.sha256[:12]
+
+
+SOURCE_PATTERN = re.compile(r"^(input|step):([1-9][0-9]*)$")
+
+
+def parse_source(source: str) -> tuple[Literal["input", "step"], int]:
+    """Split a source reference such as ``step:2`` or ``input:1`` into its kind and number."""
+    match = SOURCE_PATTERN.fullmatch(source)
+    if match is None:
+        raise ValueError(f"source {source!r} must look like 'step:N' or 'input:N'")
+    kind = "input" if match.group(1) == "input" else "step"
+    return kind, int(match.group(2))
+
+
+class Request(_Record):
+    """What the user asked for: text and optional input images (guidance mode)."""
+
+    text: str = Field(min_length=1)
+    images: tuple[ImageRef, ...] = ()
+
+    @property
+    def mode(self) -> Literal["narrative", "guidance"]:
+        return "guidance" if self.images else "narrative"
+
+
+StepAction = Literal["generate", "edit", "none"]
+
+
+class Step(_Record):
+    """One planned step: what it shows, the generator prompt, and which images it builds on."""
+
+    number: int = Field(ge=1)
+    name: str = ""
+    instruction: str = ""
+    prompt: str | None = None
+    text: str | None = None
+    # Each source is 'step:N' (the final image of step N) or 'input:N' (the user's Nth image).
+    # The first source is the image being edited; later ones are references.
+    sources: tuple[str, ...] = ()
+
+    @field_validator("sources")
+    @classmethod
+    def _valid_sources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for source in value:
+            parse_source(source)
+        return value
+
+    @property
+    def action(self) -> StepAction:
+        if self.prompt is None:
+            return "none"
+        return "edit" if self.sources else "generate"
+
+    @property
+    def display_text(self) -> str:
+        """The text a reader sees: the auxiliary text when there is one, else the instruction."""
+        return self.text if self.text else self.instruction
+
+
+class Plan(_Record):
+    """The planner's whole sequence of steps, in reading order."""
+
+    steps: tuple[Step, ...] = Field(min_length=1)
+
+    def step(self, number: int) -> Step:
+        for step in self.steps:
+            if step.number == number:
+                return step
+        raise KeyError(f"the plan has no step {number}")
+
+
+class Critique(_Record):
+    """The critic's verdict on one attempt."""
+
+    success: bool
+    refine_prompt: str | None = None
+    reasoning: str = ""
+    score: float | None = None
+
+
+class Attempt(_Record):
+    """One generator call for a step, and what the critic said of it."""
+
+    step: int
+    number: int = Field(ge=1)
+    prompt: str
+    seed: int
+    image: ImageRef
+    critique: Critique | None = None
+    # Set when the attempt was reused from the generation ledger instead of drawn again.
+    reused: bool = False
+    started_at: float = 0.0
+    generation_seconds: float = 0.0
+    critique_seconds: float = 0.0
+
+
+StepStatus = Literal["pending", "accepted", "forced", "text", "skipped"]
+
+
+class StepProgress(_Record):
+    """Where a step stands: its attempts so far, the prompt for the next one, its final image."""
+
+    number: int
+    status: StepStatus = "pending"
+    attempts: tuple[Attempt, ...] = ()
+    next_prompt: str | None = None
+    # Index into ``attempts`` of the attempt whose image the step keeps.
+    chosen: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "pending"
+
+    @property
+    def awaiting_critique(self) -> bool:
+        return bool(self.attempts) and self.attempts[-1].critique is None and not self.finished
+
+    @property
+    def final_image(self) -> ImageRef | None:
+        if self.chosen is None:
+            return None
+        return self.attempts[self.chosen].image
+
+
+SelectionPolicy = Literal["last", "best"]
+
+
+class Budget(_Record):
+    """Limits on generator calls: per step and per trajectory."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    max_calls: int = Field(default=100, ge=1, le=100_000)
+    selection: SelectionPolicy = "last"
+    # The paper accepts the final allowed attempt without asking the critic; off by default.
+    accept_final_without_critic: bool = False
+
+
+class RunSettings(_Record):
+    """Every setting that changes a run's results; a thread keeps them and refuses others."""
+
+    profile: str
+    planner: str
+    critic: str
+    generator: str
+    budget: Budget = Budget()
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # False follows the paper: every attempt of a step uses the same seed, only the prompt changes.
+    reseed_retries: bool = False
+    width: int = Field(default=1024, ge=16, le=8192)
+    height: int = Field(default=1024, ge=16, le=8192)
+    max_steps: int = Field(default=12, ge=1, le=100)
+    max_reasks: int = Field(default=3, ge=0, le=100)
+
+    def fingerprint(self, request: Request) -> dict[str, str]:
+        """A flat name -> value map of the request digest and every setting, for comparison."""
+        flat: dict[str, str] = {"request": _digest(request.model_dump(mode="json"))}
+        for name, value in self.model_dump(mode="json").items():
+            if isinstance(value, dict):
+                flat.update({f"{name}.{key}": json.dumps(item) for key, item in value.items()})
+            else:
+                flat[name] = json.dumps(value)
+        return flat
+
+
+def _digest(value: object) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class DocumentStep(_Record):
+    """One step of the finished document."""
+
+    number: int
+    name: str
+    text: str
+    instruction: str
+    status: StepStatus
+    image: ImageRef | None = None
+    attempts: tuple[Attempt, ...] = ()
+
+
+class Document(_Record):
+    """The interleaved output: the request and, in order, each step's text and final image.
+
+    Holds no timings, so a resumed run and an uninterrupted one give equal documents.
+    """
+
+    request: Request
+    steps: tuple[DocumentStep, ...]
+    profile: str = ""
+    generator_calls: int = 0
+
+    def content_for_comparison(self) -> list[dict]:
+        """Steps with the per-run timing fields of attempts removed."""
+        timing = {"started_at", "generation_seconds", "critique_seconds", "reused"}
+        return [
+            step.model_dump(exclude={"attempts": {"__all__": timing}}) for step in self.steps
+        ]
+
+
+class TrajectoryState(TypedDict, total=False):
+    """The graph's checkpointed state: small records and image references only."""
+
+    request: Request
+    settings: RunSettings
+    plan: Plan | None
+    progress: tuple[StepProgress, ...]
+    generator_calls: int
+    document: Document | None
+
+
+STATE_RECORD_TYPES: tuple[type[BaseModel], ...] = (
+    ImageRef,
+    Request,
+    Step,
+    Plan,
+    Critique,
+    Attempt,
+    StepProgress,
+    Budget,
+    RunSettings,
+    DocumentStep,
+    Document,
+)
