@@ -189,13 +189,9 @@ class Budget(_Record):
     accept_final_without_critic: bool = False
 
 
-class RunSettings(_Record):
-    """Every setting that changes a run's results; a thread keeps them and refuses others."""
+class RunOptions(_Record):
+    """The user's choices for a run that change its results (budget, seed, size, limits)."""
 
-    profile: str
-    planner: str
-    critic: str
-    generator: str
     budget: Budget = Budget()
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     # False follows the paper: every attempt of a step uses the same seed, only the prompt changes.
@@ -203,17 +199,46 @@ class RunSettings(_Record):
     width: int = Field(default=1024, ge=16, le=8192)
     height: int = Field(default=1024, ge=16, le=8192)
     max_steps: int = Field(default=12, ge=1, le=100)
+    # Unreadable planner or critic output is re-asked at most this many times.
     max_reasks: int = Field(default=3, ge=0, le=100)
+
+
+class RunSettings(_Record):
+    """Everything that changes a run's results; a thread keeps them and refuses others."""
+
+    profile: str
+    planner: str
+    critic: str
+    generator: str
+    options: RunOptions = RunOptions()
 
     def fingerprint(self, request: Request) -> dict[str, str]:
         """A flat name -> value map of the request digest and every setting, for comparison."""
         flat: dict[str, str] = {"request": _digest(request.model_dump(mode="json"))}
-        for name, value in self.model_dump(mode="json").items():
-            if isinstance(value, dict):
-                flat.update({f"{name}.{key}": json.dumps(item) for key, item in value.items()})
-            else:
-                flat[name] = json.dumps(value)
+        _flatten(self.model_dump(mode="json"), "", flat)
         return flat
+
+
+def _flatten(value: object, prefix: str, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(item, f"{prefix}{key}.", out)
+    else:
+        out[prefix.rstrip(".")] = json.dumps(value)
+
+
+def fingerprint_differences(stored: dict[str, str], new: dict[str, str]) -> list[str]:
+    """Human-readable lines naming each setting whose value differs."""
+    lines = []
+    for name in sorted(stored.keys() | new.keys()):
+        before, after = stored.get(name), new.get(name)
+        if before == after:
+            continue
+        if name == "request":
+            lines.append("request: the text or input images differ")
+        else:
+            lines.append(f"{name}: thread has {before}, this run has {after}")
+    return lines
 
 
 def _digest(value: object) -> str:
@@ -272,6 +297,7 @@ STATE_RECORD_TYPES: tuple[type[BaseModel], ...] = (
     Attempt,
     StepProgress,
     Budget,
+    RunOptions,
     RunSettings,
     DocumentStep,
     Document,

@@ -1,0 +1,86 @@
+"""Open a LangGraph checkpointer from a URL: sqlite:///PATH, memory://, more schemes by registration."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.state import STATE_RECORD_TYPES
+
+SaverFactory = Callable[[str], AbstractAsyncContextManager[BaseCheckpointSaver]]
+
+_FACTORIES: dict[str, SaverFactory] = {}
+
+
+def make_serializer() -> JsonPlusSerializer:
+    """LangGraph's serializer with our state records allowed, so loading them never warns."""
+    allowed = [(cls.__module__, cls.__name__) for cls in STATE_RECORD_TYPES]
+    return JsonPlusSerializer(allowed_msgpack_modules=allowed)
+
+
+def register_saver(scheme: str, factory: SaverFactory) -> None:
+    """Make ``scheme://...`` URLs open with ``factory`` (an async context manager factory)."""
+    _FACTORIES[scheme] = factory
+
+
+def default_checkpointer_url(run_dir: Path) -> str:
+    return f"sqlite:///{(run_dir / 'checkpoints.sqlite').resolve()}"
+
+
+def open_checkpointer(url: str) -> AbstractAsyncContextManager[BaseCheckpointSaver]:
+    """An async context manager yielding the saver that ``url`` names."""
+    scheme = urlsplit(url).scheme
+    factory = _FACTORIES.get(scheme)
+    if factory is None:
+        raise ConfigurationError(
+            f"checkpointer URL {url!r} has an unknown scheme {scheme!r}",
+            hint="use sqlite:///PATH or memory://; known schemes: "
+            + ", ".join(sorted(_FACTORIES)),
+        )
+    return factory(url)
+
+
+# One saver per URL for the whole process: memory:// must outlive a single run to be resumable.
+_MEMORY_SAVERS: dict[str, InMemorySaver] = {}
+
+
+@asynccontextmanager
+async def _open_memory(url: str) -> AsyncIterator[BaseCheckpointSaver]:
+    saver = _MEMORY_SAVERS.get(url)
+    if saver is None:
+        saver = _MEMORY_SAVERS[url] = InMemorySaver(serde=make_serializer())
+    yield saver
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite:///PATH`` URL (three slashes, then an absolute or relative path)."""
+    if not url.startswith("sqlite:///") or url == "sqlite:///":
+        raise ConfigurationError(
+            f"SQLite checkpointer URL {url!r} has no file path",
+            hint="write it as sqlite:///relative/path.sqlite or sqlite:////absolute/path.sqlite",
+        )
+    return Path(url.removeprefix("sqlite:///"))
+
+
+@asynccontextmanager
+async def _open_sqlite(url: str) -> AsyncIterator[BaseCheckpointSaver]:
+    import aiosqlite
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    path = sqlite_path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    async with aiosqlite.connect(str(path)) as conn:
+        saver = AsyncSqliteSaver(conn, serde=make_serializer())
+        await saver.setup()
+        yield saver
+
+
+register_saver("memory", _open_memory)
+register_saver("sqlite", _open_sqlite)

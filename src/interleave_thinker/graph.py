@@ -1,0 +1,59 @@
+"""Wiring of the trajectory graph: planner -> generator -> critic -> (generator | compose) -> END."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import RetryPolicy
+
+from interleave_thinker.context import Context
+from interleave_thinker.errors import TransientGeneratorError
+from interleave_thinker.nodes.compose import compose_document
+from interleave_thinker.nodes.critic import judge_attempts
+from interleave_thinker.nodes.generator import generate_images
+from interleave_thinker.nodes.planner import plan_trajectory
+from interleave_thinker.nodes.scheduling import calls_left, ready_steps
+from interleave_thinker.state import TrajectoryState
+
+GRAPH_NAME = "interleave_thinker"
+
+# Network hiccups and overloaded servers deserve another try with backoff; bad output does not
+# (it is re-asked inside the node) and neither do permanent generator errors.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    TransientGeneratorError,
+    ConnectionError,
+    TimeoutError,
+)
+MODEL_RETRY = RetryPolicy(max_attempts=4, initial_interval=1.0, retry_on=TRANSIENT_ERRORS)
+
+
+def _next_after_planning_or_critique(state: TrajectoryState) -> Literal["generator", "compose"]:
+    plan = state.get("plan")
+    budget = state["settings"].options.budget
+    if plan is None or calls_left(budget, state.get("generator_calls", 0)) == 0:
+        return "compose"
+    return "generator" if ready_steps(plan, state["progress"]) else "compose"
+
+
+def build_graph(
+    *, checkpointer: BaseCheckpointSaver | None = None
+) -> CompiledStateGraph[TrajectoryState, Context]:
+    """The compiled trajectory graph; pass a checkpointer to make runs resumable."""
+    builder = StateGraph(TrajectoryState, context_schema=Context)
+    builder.add_node("planner", plan_trajectory, retry_policy=MODEL_RETRY)
+    builder.add_node("generator", generate_images, retry_policy=MODEL_RETRY)
+    builder.add_node("critic", judge_attempts, retry_policy=MODEL_RETRY)
+    builder.add_node("compose", compose_document)
+    builder.add_edge(START, "planner")
+    builder.add_conditional_edges(
+        "planner", _next_after_planning_or_critique, ["generator", "compose"]
+    )
+    builder.add_edge("generator", "critic")
+    builder.add_conditional_edges(
+        "critic", _next_after_planning_or_critique, ["generator", "compose"]
+    )
+    builder.add_edge("compose", END)
+    return builder.compile(checkpointer=checkpointer, name=GRAPH_NAME)

@@ -1,0 +1,43 @@
+"""The compose node: commits what is left when the loop ends and assembles the document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.runtime import Runtime
+
+from interleave_thinker.context import Context
+from interleave_thinker.nodes.common import emit
+from interleave_thinker.nodes.scheduling import finish_out_of_budget
+from interleave_thinker.state import Document, DocumentStep, TrajectoryState
+
+
+async def compose_document(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:
+    plan, settings = state["plan"], state["settings"]
+    assert plan is not None
+    # Steps still pending here ran out of the trajectory's call budget.
+    progress = tuple(
+        item if item.finished else finish_out_of_budget(item, settings.options.budget)
+        for item in state["progress"]
+    )
+    by_step = {item.number: item for item in progress}
+    steps = tuple(
+        DocumentStep(
+            number=step.number,
+            name=step.name,
+            text=step.display_text,
+            instruction=step.instruction,
+            status=by_step[step.number].status,
+            image=by_step[step.number].final_image,
+            attempts=by_step[step.number].attempts,
+        )
+        for step in plan.steps
+    )
+    document = Document(
+        request=state["request"],
+        steps=steps,
+        profile=settings.profile,
+        generator_calls=state.get("generator_calls", 0),
+    )
+    emit(runtime, "document", steps=len(steps))
+    return {"progress": progress, "document": document}

@@ -1,0 +1,44 @@
+"""The planner node: asks the planner model for the whole plan, once, before any image is drawn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.runtime import Runtime
+
+from interleave_thinker.context import Context
+from interleave_thinker.models.messages import image_block
+from interleave_thinker.nodes.asking import ask_until_parsed
+from interleave_thinker.nodes.common import emit, thread_of
+from interleave_thinker.prompts.parsing import parse_plan
+from interleave_thinker.prompts.templates import planner_messages
+from interleave_thinker.state import StepProgress, TrajectoryState
+
+
+async def plan_trajectory(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:
+    request = state["request"]
+    options = state["settings"].options
+    store = runtime.context.image_store
+    messages = planner_messages(
+        request, [image_block(store, ref) for ref in request.images], max_steps=options.max_steps
+    )
+    plan, _ = await ask_until_parsed(
+        runtime.context.backends.planner,
+        messages,
+        lambda text: parse_plan(text, input_images=len(request.images), max_steps=options.max_steps),
+        what="plan",
+        max_reasks=options.max_reasks,
+        where=f"thread {thread_of(runtime)}, planning",
+        config={"run_name": "planner", "tags": ["planner"]},
+    )
+    progress = tuple(
+        StepProgress(
+            number=step.number,
+            # A text-only step is finished as soon as it is planned: it draws nothing.
+            status="text" if step.action == "none" else "pending",
+            next_prompt=step.prompt,
+        )
+        for step in plan.steps
+    )
+    emit(runtime, "plan", steps=[step.model_dump(mode="json") for step in plan.steps])
+    return {"plan": plan, "progress": progress}

@@ -1,0 +1,92 @@
+"""Pure rules of the loop: which steps are ready, their seeds and sources, and which attempt a step keeps."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from interleave_thinker.state import (
+    Attempt,
+    Budget,
+    ImageRef,
+    Plan,
+    Request,
+    SelectionPolicy,
+    Step,
+    StepProgress,
+    parse_source,
+)
+
+
+def derive_seed(run_seed: int, step: int, attempt: int) -> int:
+    """The seed of one generator call, in [0, 2**31).
+
+    Rule: the first four bytes (big-endian) of sha256("interleave-seed:{run}:{step}:{attempt}"),
+    masked to 31 bits. With ``reseed_retries`` off (the paper's choice) callers pass attempt=1
+    for every attempt, so a retry differs from the first try only by its prompt.
+    """
+    digest = hashlib.sha256(f"interleave-seed:{run_seed}:{step}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def progress_by_step(progress: Sequence[StepProgress]) -> dict[int, StepProgress]:
+    return {item.number: item for item in progress}
+
+
+def source_images(step: Step, request: Request, progress: Sequence[StepProgress]) -> list[ImageRef]:
+    """The images a step's sources name, in order; raises KeyError if one is not final yet."""
+    by_step = progress_by_step(progress)
+    images = []
+    for source in step.sources:
+        kind, number = parse_source(source)
+        if kind == "input":
+            images.append(request.images[number - 1])
+            continue
+        image = by_step[number].final_image
+        if image is None:
+            raise KeyError(f"step {number} has no final image yet")
+        images.append(image)
+    return images
+
+
+def ready_steps(plan: Plan, progress: Sequence[StepProgress]) -> list[Step]:
+    """Image steps not finished, not waiting for a verdict, whose source steps all have images."""
+    by_step = progress_by_step(progress)
+    ready = []
+    for step in plan.steps:
+        item = by_step[step.number]
+        if item.finished or item.awaiting_critique or step.action == "none":
+            continue
+        sources_done = all(
+            kind == "input" or by_step[number].final_image is not None
+            for kind, number in map(parse_source, step.sources)
+        )
+        if sources_done:
+            ready.append(step)
+    return ready
+
+
+def select_attempt(attempts: Sequence[Attempt], policy: SelectionPolicy) -> int:
+    """Index of the attempt a step keeps when the critic never accepted one.
+
+    ``last`` keeps the final attempt (the paper). ``best`` keeps the highest critic score,
+    the later attempt on ties; without any scores it falls back to the last attempt.
+    """
+    if policy == "best":
+        scored = [(a.critique.score, i) for i, a in enumerate(attempts) if a.critique and
+                  a.critique.score is not None]
+        if scored:
+            return max(scored)[1]
+    return len(attempts) - 1
+
+
+def finish_out_of_budget(item: StepProgress, budget: Budget) -> StepProgress:
+    """Commit a step that may not draw again: forced with its chosen attempt, or skipped."""
+    if not item.attempts:
+        return item.model_copy(update={"status": "skipped", "next_prompt": None})
+    chosen = select_attempt(item.attempts, budget.selection)
+    return item.model_copy(update={"status": "forced", "chosen": chosen, "next_prompt": None})
+
+
+def calls_left(budget: Budget, calls_used: int) -> int:
+    return max(0, budget.max_calls - calls_used)

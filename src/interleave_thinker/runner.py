@@ -1,0 +1,422 @@
+"""Start, resume and inspect runs: the public Python API behind the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import StateSnapshot
+
+from interleave_thinker.checkpoints.image_store import ImageStore
+from interleave_thinker.checkpoints.ledger import GenerationLedger
+from interleave_thinker.checkpoints.savers import default_checkpointer_url, open_checkpointer
+from interleave_thinker.context import Backends, Context, model_identity
+from interleave_thinker.errors import (
+    ConfigurationError,
+    ImageError,
+    SettingsMismatchError,
+    UnknownThreadError,
+)
+from interleave_thinker.graph import build_graph
+from interleave_thinker.models.profiles import load_profile
+from interleave_thinker.render.html import render_html
+from interleave_thinker.state import (
+    Document,
+    ImageRef,
+    Request,
+    RunOptions,
+    RunSettings,
+    TrajectoryState,
+    fingerprint_differences,
+)
+
+RUN_DIR_ENV = "INTERLEAVE_RUN_DIR"
+DEFAULT_RUN_DIR = "interleave-runs"
+CUSTOM_PROFILE = "custom"
+THREAD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished thread: its id, its document and where the HTML page was written."""
+
+    thread_id: str
+    document: Document
+    document_path: Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A run directory: image store, generation ledger, documents and (by default) checkpoints."""
+
+    run_dir: Path
+    checkpointer_url: str
+
+    @classmethod
+    def open(
+        cls, run_dir: str | os.PathLike[str] | None = None, checkpointer: str | None = None
+    ) -> Workspace:
+        chosen = Path(run_dir or os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
+        if chosen.exists() and not chosen.is_dir():
+            raise ConfigurationError(
+                f"run directory {chosen} exists and is not a directory",
+                hint="pass --run-dir with a directory path",
+            )
+        return cls(chosen, checkpointer or default_checkpointer_url(chosen))
+
+    @property
+    def image_store(self) -> ImageStore:
+        return ImageStore(self.run_dir / "images")
+
+    def context(self, backends: Backends) -> Context:
+        store = self.image_store
+        return Context(
+            backends=backends,
+            image_store=store,
+            ledger=GenerationLedger(self.run_dir / "generations", store),
+        )
+
+    def document_path(self, thread_id: str) -> Path:
+        return self.run_dir / "documents" / validate_thread_id(thread_id) / "document.html"
+
+    @asynccontextmanager
+    async def graph(self) -> AsyncIterator[CompiledStateGraph[TrajectoryState, Context]]:
+        async with open_checkpointer(self.checkpointer_url) as saver:
+            yield build_graph(checkpointer=saver)
+
+
+def validate_thread_id(thread_id: str) -> str:
+    """Thread ids become folder names: letters, digits, '.', '_' and '-' only, 128 at most."""
+    if not THREAD_ID_PATTERN.fullmatch(thread_id):
+        raise ConfigurationError(
+            f"thread id {thread_id!r} is not allowed",
+            hint="use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return thread_id
+
+
+def new_thread_id() -> str:
+    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def make_settings(profile: str, backends: Backends, options: RunOptions | None) -> RunSettings:
+    return RunSettings(
+        profile=profile,
+        planner=model_identity(backends.planner),
+        critic=model_identity(backends.critic),
+        generator=backends.generator.identity,
+        options=options or RunOptions(),
+    )
+
+
+def store_input_images(store: ImageStore, paths: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
+    refs = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ImageError(
+                f"input image {path} does not exist or is not a file",
+                hint="check the path given to --image",
+            )
+        refs.append(store.put(path.read_bytes(), what=f"input image {path}"))
+    return refs
+
+
+def _thread_config(thread_id: str) -> dict[str, Any]:
+    return {"configurable": {"thread_id": thread_id}, "metadata": {"thread_id": thread_id}}
+
+
+def _refuse_other_settings(thread_id: str, stored: TrajectoryState, new: RunSettings,
+                           request: Request) -> None:
+    before = stored["settings"].fingerprint(stored["request"])
+    differences = fingerprint_differences(before, new.fingerprint(request))
+    if differences:
+        raise SettingsMismatchError(
+            f"thread {thread_id} was started with other settings: " + "; ".join(differences),
+            hint=f"resume it with its own settings (`interleave resume {thread_id}`) "
+            "or start a new thread",
+        )
+
+
+async def _drive(
+    graph: CompiledStateGraph[TrajectoryState, Context],
+    graph_input: TrajectoryState | None,
+    thread_id: str,
+    context: Context,
+    on_event: EventHandler | None,
+) -> Document:
+    # Sync durability: every step's checkpoint is on disk before the next step starts, so a
+    # hard kill loses at most the node that was running.
+    async for event in graph.astream(
+        graph_input,
+        _thread_config(thread_id),
+        context=context,
+        durability="sync",
+        stream_mode="custom",
+    ):
+        if on_event is not None:
+            on_event(event)
+    snapshot = await graph.aget_state(_thread_config(thread_id))
+    document = snapshot.values.get("document")
+    if document is None:
+        raise RuntimeError(f"thread {thread_id} stopped before its document was composed")
+    return document
+
+
+def _write_html(workspace: Workspace, thread_id: str, document: Document) -> Path:
+    from interleave_thinker.checkpoints.image_store import write_atomically
+
+    path = workspace.document_path(thread_id)
+    html = render_html(document, workspace.image_store, thread_id=thread_id)
+    write_atomically(path, html.encode("utf-8"))
+    return path
+
+
+async def arun(
+    text: str,
+    *,
+    images: Sequence[str | os.PathLike[str]] = (),
+    profile: str | None = None,
+    backends: Backends | None = None,
+    options: RunOptions | None = None,
+    thread_id: str | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    checkpointer: str | None = None,
+    on_event: EventHandler | None = None,
+) -> RunResult:
+    """Run a request to its document. Pass ``profile`` (e.g. "test") or your own ``backends``.
+
+    With an existing ``thread_id`` the thread is continued if its request and settings are the
+    same, and refused otherwise.
+    """
+    if not text or not text.strip():
+        raise ConfigurationError("the request text is empty", hint="say what to generate")
+    workspace = Workspace.open(run_dir, checkpointer)
+    profile_name, backends = _choose_backends(profile, backends)
+    settings = make_settings(profile_name, backends, options)
+    thread_id = validate_thread_id(thread_id) if thread_id else new_thread_id()
+    request = Request(text=text, images=tuple(store_input_images(workspace.image_store, images)))
+    context = workspace.context(backends)
+    if on_event is not None:
+        on_event({"event": "thread", "thread_id": thread_id, "resumed": False})
+    async with workspace.graph() as graph:
+        snapshot = await graph.aget_state(_thread_config(thread_id))
+        graph_input: TrajectoryState | None
+        if snapshot.values:
+            _refuse_other_settings(thread_id, snapshot.values, settings, request)
+            graph_input = None
+        else:
+            graph_input = {
+                "request": request,
+                "settings": settings,
+                "plan": None,
+                "progress": (),
+                "generator_calls": 0,
+                "document": None,
+            }
+        document = snapshot.values.get("document") if snapshot.values else None
+        if document is None:
+            document = await _drive(graph, graph_input, thread_id, context, on_event)
+    return RunResult(thread_id, document, _write_html(workspace, thread_id, document))
+
+
+async def aresume(
+    thread_id: str,
+    *,
+    profile: str | None = None,
+    backends: Backends | None = None,
+    options: RunOptions | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    checkpointer: str | None = None,
+    on_event: EventHandler | None = None,
+) -> RunResult:
+    """Continue a thread from its last checkpoint; settings left out are the thread's own."""
+    workspace = Workspace.open(run_dir, checkpointer)
+    async with workspace.graph() as graph:
+        stored = await _existing_state(graph, workspace, thread_id)
+        stored_settings: RunSettings = stored["settings"]
+        if backends is None and profile is None and stored_settings.profile == CUSTOM_PROFILE:
+            raise ConfigurationError(
+                f"thread {thread_id} ran with custom models, which cannot be rebuilt by name",
+                hint="pass the same backends to resume()",
+            )
+        profile_name, backends = _choose_backends(profile or stored_settings.profile, backends)
+        settings = make_settings(profile_name, backends, options or stored_settings.options)
+        _refuse_other_settings(thread_id, stored, settings, stored["request"])
+        if on_event is not None:
+            on_event({"event": "thread", "thread_id": thread_id, "resumed": True})
+        document = stored.get("document")
+        if document is None:
+            document = await _drive(
+                graph, None, thread_id, workspace.context(backends), on_event
+            )
+    return RunResult(thread_id, document, _write_html(workspace, thread_id, document))
+
+
+async def _existing_state(
+    graph: CompiledStateGraph[TrajectoryState, Context], workspace: Workspace, thread_id: str
+) -> TrajectoryState:
+    snapshot = await graph.aget_state(_thread_config(validate_thread_id(thread_id)))
+    if not snapshot.values:
+        raise UnknownThreadError(
+            f"no thread {thread_id!r} in {workspace.checkpointer_url}",
+            hint="`interleave list` shows the threads; check --run-dir and --checkpointer",
+        )
+    return snapshot.values
+
+
+def _choose_backends(profile: str | None, backends: Backends | None) -> tuple[str, Backends]:
+    if backends is not None:
+        return profile or CUSTOM_PROFILE, backends
+    if profile is None:
+        raise ConfigurationError(
+            "no models chosen: give a profile or your own backends",
+            hint="try --profile test (stand-in models that need no weights)",
+        )
+    return profile, load_profile(profile)
+
+
+async def aload_document(
+    thread_id: str,
+    *,
+    run_dir: str | os.PathLike[str] | None = None,
+    checkpointer: str | None = None,
+) -> Document:
+    """The finished document of a thread; refuses a thread that has not finished."""
+    workspace = Workspace.open(run_dir, checkpointer)
+    async with workspace.graph() as graph:
+        state = await _existing_state(graph, workspace, thread_id)
+    document = state.get("document")
+    if document is None:
+        raise UnknownThreadError(
+            f"thread {thread_id} has not finished yet, so it has no document",
+            hint=f"finish it with `interleave resume {thread_id}`",
+        )
+    return document
+
+
+@dataclass(frozen=True)
+class ThreadSummary:
+    thread_id: str
+    status: str
+    request: str
+    steps: int
+    generator_calls: int
+    updated_at: str
+
+
+def _status(snapshot: StateSnapshot) -> str:
+    values = snapshot.values
+    if values.get("document") is not None:
+        return "done"
+    if any(task.error for task in snapshot.tasks):
+        return "failed"
+    return "unfinished"
+
+
+async def alist_threads(
+    *, run_dir: str | os.PathLike[str] | None = None, checkpointer: str | None = None
+) -> list[ThreadSummary]:
+    """Every thread in the checkpointer, newest first."""
+    workspace = Workspace.open(run_dir, checkpointer)
+    summaries = []
+    async with workspace.graph() as graph:
+        assert graph.checkpointer is not None and not isinstance(graph.checkpointer, bool)
+        latest: dict[str, str] = {}
+        async for item in graph.checkpointer.alist(None):
+            configurable = item.config["configurable"]
+            if configurable.get("checkpoint_ns"):
+                continue
+            thread, checkpoint = configurable["thread_id"], configurable["checkpoint_id"]
+            latest[thread] = max(latest.get(thread, ""), checkpoint)
+        for thread in latest:
+            snapshot = await graph.aget_state(_thread_config(thread))
+            values = snapshot.values
+            if not values:
+                continue
+            plan = values.get("plan")
+            summaries.append(
+                ThreadSummary(
+                    thread_id=thread,
+                    status=_status(snapshot),
+                    request=values["request"].text,
+                    steps=len(plan.steps) if plan else 0,
+                    generator_calls=values.get("generator_calls", 0),
+                    updated_at=snapshot.created_at or "",
+                )
+            )
+    return sorted(summaries, key=lambda s: s.updated_at, reverse=True)
+
+
+async def athread_report(
+    thread_id: str,
+    *,
+    run_dir: str | os.PathLike[str] | None = None,
+    checkpointer: str | None = None,
+) -> dict[str, Any]:
+    """Everything about a thread as plain JSON data: settings, plan, every attempt, timings."""
+    workspace = Workspace.open(run_dir, checkpointer)
+    async with workspace.graph() as graph:
+        await _existing_state(graph, workspace, thread_id)
+        snapshot = await graph.aget_state(_thread_config(thread_id))
+    values = snapshot.values
+    plan = values.get("plan")
+    progress = {item.number: item for item in values.get("progress", ())}
+    steps = []
+    for step in plan.steps if plan else ():
+        item = progress.get(step.number)
+        steps.append(
+            {
+                "number": step.number,
+                "name": step.name,
+                "instruction": step.instruction,
+                "prompt": step.prompt,
+                "text": step.display_text,
+                "action": step.action,
+                "sources": list(step.sources),
+                "status": item.status if item else "pending",
+                "chosen_attempt": None if item is None or item.chosen is None
+                else item.attempts[item.chosen].number,
+                "image": item.final_image.sha256 if item and item.final_image else None,
+                "attempts": [a.model_dump(mode="json") for a in item.attempts] if item else [],
+            }
+        )
+    errors = [f"{task.name}: {task.error}" for task in snapshot.tasks if task.error]
+    path = workspace.document_path(thread_id)
+    return {
+        "thread_id": thread_id,
+        "status": _status(snapshot),
+        "request": values["request"].model_dump(mode="json"),
+        "settings": values["settings"].model_dump(mode="json"),
+        "generator_calls": values.get("generator_calls", 0),
+        "updated_at": snapshot.created_at,
+        "next": list(snapshot.next),
+        "errors": errors,
+        "document_path": str(path) if path.exists() else None,
+        "steps": steps,
+    }
+
+
+def run(text: str, **kwargs: Any) -> RunResult:
+    """Blocking form of :func:`arun`."""
+    return asyncio.run(arun(text, **kwargs))
+
+
+def resume(thread_id: str, **kwargs: Any) -> RunResult:
+    """Blocking form of :func:`aresume`."""
+    return asyncio.run(aresume(thread_id, **kwargs))
+
+
+def load_document(thread_id: str, **kwargs: Any) -> Document:
+    """Blocking form of :func:`aload_document`."""
+    return asyncio.run(aload_document(thread_id, **kwargs))
