@@ -1,1 +1,69 @@
 """Interleaved text-image generation: planner, generator and critic on a resumable LangGraph."""
+
+from interleave_thinker.context import Backends, Context
+from interleave_thinker.errors import (
+    ConfigurationError,
+    GeneratorError,
+    ImageError,
+    InterleaveError,
+    ModelOutputError,
+    SettingsMismatchError,
+    TransientGeneratorError,
+    UnknownThreadError,
+)
+from interleave_thinker.graph import build_graph
+from interleave_thinker.runner import (
+    RunResult,
+    aload_document,
+    alist_threads,
+    aresume,
+    arun,
+    athread_report,
+    load_document,
+    resume,
+    run,
+)
+from interleave_thinker.state import (
+    Budget,
+    Critique,
+    Document,
+    ImageRef,
+    Plan,
+    Request,
+    RunOptions,
+    Step,
+)
+from interleave_thinker.tools.base import GenerationJob, ImageGenerator
+
+__all__ = [
+    "Backends",
+    "Budget",
+    "ConfigurationError",
+    "Context",
+    "Critique",
+    "Document",
+    "GenerationJob",
+    "GeneratorError",
+    "ImageError",
+    "ImageGenerator",
+    "ImageRef",
+    "InterleaveError",
+    "ModelOutputError",
+    "Plan",
+    "Request",
+    "RunOptions",
+    "RunResult",
+    "SettingsMismatchError",
+    "Step",
+    "TransientGeneratorError",
+    "UnknownThreadError",
+    "aload_document",
+    "alist_threads",
+    "aresume",
+    "arun",
+    "athread_report",
+    "build_graph",
+    "load_document",
+    "resume",
+    "run",
+]

@@ -1,4 +1,4 @@
-"""The runtime objects a run needs (models, generator, stores): passed as graph context, never checkpointed."""
+"""Runtime objects of a run (models, generator, stores): passed as graph context, never checkpointed."""
 
 from __future__ import annotations
 

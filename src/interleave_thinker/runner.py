@@ -16,7 +16,7 @@ from typing import Any
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import StateSnapshot
 
-from interleave_thinker.checkpoints.image_store import ImageStore
+from interleave_thinker.checkpoints.image_store import ImageStore, write_atomically
 from interleave_thinker.checkpoints.ledger import GenerationLedger
 from interleave_thinker.checkpoints.savers import default_checkpointer_url, open_checkpointer
 from interleave_thinker.context import Backends, Context, model_identity
@@ -174,8 +174,6 @@ async def _drive(
 
 
 def _write_html(workspace: Workspace, thread_id: str, document: Document) -> Path:
-    from interleave_thinker.checkpoints.image_store import write_atomically
-
     path = workspace.document_path(thread_id)
     html = render_html(document, workspace.image_store, thread_id=thread_id)
     write_atomically(path, html.encode("utf-8"))
@@ -236,11 +234,16 @@ async def aresume(
     profile: str | None = None,
     backends: Backends | None = None,
     options: RunOptions | None = None,
+    changes: dict[str, Any] | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     checkpointer: str | None = None,
     on_event: EventHandler | None = None,
 ) -> RunResult:
-    """Continue a thread from its last checkpoint; settings left out are the thread's own."""
+    """Continue a thread from its last checkpoint; settings left out are the thread's own.
+
+    ``changes`` names single options (e.g. ``{"max_attempts": 5}``) to compare against the
+    thread's; any that differ make the resume refuse, as a changed ``options`` or model does.
+    """
     workspace = Workspace.open(run_dir, checkpointer)
     async with workspace.graph() as graph:
         stored = await _existing_state(graph, workspace, thread_id)
@@ -251,7 +254,8 @@ async def aresume(
                 hint="pass the same backends to resume()",
             )
         profile_name, backends = _choose_backends(profile or stored_settings.profile, backends)
-        settings = make_settings(profile_name, backends, options or stored_settings.options)
+        chosen = (options or stored_settings.options).with_changes(**(changes or {}))
+        settings = make_settings(profile_name, backends, chosen)
         _refuse_other_settings(thread_id, stored, settings, stored["request"])
         if on_event is not None:
             on_event({"event": "thread", "thread_id": thread_id, "resumed": True})

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
 import hashlib
 import json
+import re
 from typing import Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -201,6 +201,18 @@ class RunOptions(_Record):
     max_steps: int = Field(default=12, ge=1, le=100)
     # Unreadable planner or critic output is re-asked at most this many times.
     max_reasks: int = Field(default=3, ge=0, le=100)
+
+    def with_changes(self, **changes: object) -> RunOptions:
+        """A validated copy with the given fields changed; budget fields may be named directly."""
+        data = self.model_dump()
+        for name, value in changes.items():
+            if value is None:
+                continue
+            target = data["budget"] if name in Budget.model_fields else data
+            if name not in Budget.model_fields and name not in RunOptions.model_fields:
+                raise ValueError(f"unknown run option {name!r}")
+            target[name] = value
+        return RunOptions.model_validate(data)
 
 
 class RunSettings(_Record):

@@ -1,0 +1,5 @@
+"""Allow ``python -m interleave_thinker``."""
+
+from interleave_thinker.cli import app
+
+app()

@@ -1,0 +1,373 @@
+"""The ``interleave`` command: run, resume, list, show and export trajectories."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from interleave_thinker.errors import ConfigurationError, InterleaveError
+from interleave_thinker.models.profiles import PROFILE_NOTES
+from interleave_thinker.render import export_document
+from interleave_thinker.runner import (
+    RUN_DIR_ENV,
+    RunResult,
+    Workspace,
+    alist_threads,
+    aload_document,
+    aresume,
+    arun,
+    athread_report,
+)
+from interleave_thinker.state import RunOptions, SelectionPolicy
+
+app = typer.Typer(
+    name="interleave",
+    help="Interleaved text-image generation: a planner writes the steps, a generator draws "
+    "each one, a critic checks every image and asks for a redraw when it is wrong.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Progress and errors go to stderr so that stdout stays machine-readable.
+err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+out = Console(markup=False, highlight=False, soft_wrap=True)
+
+RunDirOption = Annotated[
+    Path | None,
+    typer.Option("--run-dir", envvar=RUN_DIR_ENV, help="Run directory (default ./interleave-runs)."),
+]
+CheckpointerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpointer",
+        envvar="INTERLEAVE_CHECKPOINTER",
+        help="Checkpointer URL: sqlite:///PATH (default: in the run directory) or memory://.",
+    ),
+]
+ProfileOption = Annotated[
+    str | None,
+    typer.Option("--profile", help="Named set of models; 'test' needs no weights (stand-ins)."),
+]
+MaxAttemptsOption = Annotated[
+    int | None, typer.Option("--max-attempts", help="Generator calls per step (default 3).")
+]
+MaxCallsOption = Annotated[
+    int | None,
+    typer.Option("--max-calls", help="Generator calls per trajectory (default 100)."),
+]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Run seed (default 0).")]
+SelectionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--selection",
+        help="Attempt a step keeps when the critic never accepts one: last (paper) or best.",
+    ),
+]
+SizeOption = Annotated[
+    str | None, typer.Option("--size", help="Image size as WIDTHxHEIGHT (default 1024x1024).")
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reports_errors(command: F) -> F:
+    """Turn our errors into one line plus a hint on stderr and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except InterleaveError as exc:
+            err.print(f"error: {exc.message}")
+            if exc.hint:
+                err.print(f"hint: {exc.hint}")
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            err.print(f"error: invalid setting {where}: {first['msg']}")
+        except KeyboardInterrupt:
+            err.print("error: interrupted; finished steps are saved")
+            err.print("hint: continue with `interleave resume THREAD` (the id printed at start)")
+        raise typer.Exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _option_changes(
+    *,
+    max_attempts: int | None,
+    max_calls: int | None,
+    seed: int | None,
+    selection: str | None,
+    size: str | None,
+    accept_final: bool | None = None,
+) -> dict[str, Any]:
+    changes: dict[str, Any] = {
+        "max_attempts": max_attempts,
+        "max_calls": max_calls,
+        "seed": seed,
+        "selection": _selection(selection),
+        "accept_final_without_critic": accept_final,
+    }
+    if size is not None:
+        changes["width"], changes["height"] = _parse_size(size)
+    return {name: value for name, value in changes.items() if value is not None}
+
+
+def _selection(value: str | None) -> SelectionPolicy | None:
+    if value is None:
+        return None
+    if value not in ("last", "best"):
+        raise ConfigurationError(
+            f"--selection must be 'last' or 'best', not {value!r}",
+            hint="'last' keeps the final attempt (the paper); 'best' the highest critic score",
+        )
+    return value  # type: ignore[return-value]
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    width, sep, height = size.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise ConfigurationError(
+            f"--size {size!r} is not WIDTHxHEIGHT", hint="for example --size 1024x1024"
+        )
+    return int(width), int(height)
+
+
+class _Progress:
+    """Prints the graph's progress events on stderr: step k of n, attempt, verdict."""
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        where = f"step {event.get('index')} of {event.get('total')}, attempt {event.get('attempt')}"
+        if kind == "thread":
+            verb = "resuming" if event["resumed"] else "thread"
+            err.print(f"{verb} {event['thread_id']}")
+        elif kind == "plan":
+            steps = event["steps"]
+            err.print(f"planned {len(steps)} steps")
+            for step in steps:
+                label = "text only" if step.get("prompt") is None else "image"
+                err.print(f"  {step['number']}. {step['name']} ({label})")
+        elif kind == "generating":
+            err.print(f"{where}: drawing")
+        elif kind == "image" and event.get("reused"):
+            err.print(f"{where}: image already drawn before the restart, reused")
+        elif kind == "verdict":
+            err.print(f"{where}: {_verdict_words(event)}")
+        elif kind == "document":
+            err.print("document composed")
+
+
+def _verdict_words(event: dict[str, Any]) -> str:
+    status, success = event.get("status"), event.get("success")
+    if success is None:
+        return "final attempt kept without asking the critic (forced)"
+    if success:
+        return "accepted by the critic"
+    if status == "forced":
+        return "rejected; out of attempts, step committed as forced"
+    return "rejected by the critic; redrawing with its refined prompt"
+
+
+def _finish(result: RunResult) -> None:
+    note = PROFILE_NOTES.get(result.document.profile)
+    if note:
+        err.print(f"note: {note}")
+    err.print(f"done: thread {result.thread_id}, {result.document.generator_calls} generator calls")
+    # The last line of stdout is the document's path, for scripts.
+    out.print(str(result.document_path))
+
+
+@app.command()
+@_reports_errors
+def run(
+    text: Annotated[str, typer.Argument(help="What to generate: a story, a guide, a task.")],
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="Input image (guidance mode); repeat for several."),
+    ] = None,
+    thread: Annotated[str | None, typer.Option("--thread", help="Thread id to use.")] = None,
+    run_dir: RunDirOption = None,
+    checkpointer: CheckpointerOption = None,
+    profile: ProfileOption = None,
+    max_attempts: MaxAttemptsOption = None,
+    max_calls: MaxCallsOption = None,
+    seed: SeedOption = None,
+    selection: SelectionOption = None,
+    size: SizeOption = None,
+    accept_final_without_critic: Annotated[
+        bool,
+        typer.Option(
+            "--accept-final-without-critic",
+            help="Keep a step's last allowed attempt without asking the critic (the paper).",
+        ),
+    ] = False,
+) -> None:
+    """Plan, draw and check a whole interleaved document; prints the HTML path last."""
+    options = RunOptions().with_changes(
+        **_option_changes(
+            max_attempts=max_attempts,
+            max_calls=max_calls,
+            seed=seed,
+            selection=selection,
+            size=size,
+            accept_final=accept_final_without_critic or None,
+        )
+    )
+    result = asyncio.run(
+        arun(
+            text,
+            images=image or [],
+            profile=profile,
+            options=options,
+            thread_id=thread,
+            run_dir=run_dir,
+            checkpointer=checkpointer,
+            on_event=_Progress(),
+        )
+    )
+    _finish(result)
+
+
+@app.command()
+@_reports_errors
+def resume(
+    thread: Annotated[str, typer.Argument(help="The thread id printed by `interleave run`.")],
+    run_dir: RunDirOption = None,
+    checkpointer: CheckpointerOption = None,
+    profile: ProfileOption = None,
+    max_attempts: MaxAttemptsOption = None,
+    max_calls: MaxCallsOption = None,
+    seed: SeedOption = None,
+    selection: SelectionOption = None,
+    size: SizeOption = None,
+) -> None:
+    """Continue a thread from its last checkpoint (settings given must match the thread's)."""
+    changes = _option_changes(
+        max_attempts=max_attempts, max_calls=max_calls, seed=seed, selection=selection, size=size
+    )
+    result = asyncio.run(
+        aresume(
+            thread,
+            profile=profile,
+            changes=changes,
+            run_dir=run_dir,
+            checkpointer=checkpointer,
+            on_event=_Progress(),
+        )
+    )
+    _finish(result)
+
+
+@app.command("list")
+@_reports_errors
+def list_threads(
+    run_dir: RunDirOption = None,
+    checkpointer: CheckpointerOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """List the threads of the checkpointer, newest first."""
+    threads = asyncio.run(alist_threads(run_dir=run_dir, checkpointer=checkpointer))
+    if as_json:
+        for summary in threads:
+            out.print(json.dumps(summary.__dict__))
+        return
+    if not threads:
+        err.print("no threads yet")
+        return
+    table = Table("thread", "status", "steps", "calls", "updated", "request")
+    for summary in threads:
+        request = summary.request if len(summary.request) <= 60 else summary.request[:59] + "…"
+        table.add_row(
+            summary.thread_id,
+            summary.status,
+            str(summary.steps),
+            str(summary.generator_calls),
+            summary.updated_at[:19],
+            request,
+        )
+    out.print(table)
+
+
+@app.command()
+@_reports_errors
+def show(
+    thread: Annotated[str, typer.Argument(help="Thread id.")],
+    run_dir: RunDirOption = None,
+    checkpointer: CheckpointerOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+) -> None:
+    """Show a thread: plan, every attempt with prompt, seed, image hash and critique, timings."""
+    report = asyncio.run(athread_report(thread, run_dir=run_dir, checkpointer=checkpointer))
+    if as_json:
+        out.print(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    out.print(f"thread {report['thread_id']}: {report['status']}, "
+              f"{report['generator_calls']} generator calls")
+    out.print(f"request: {report['request']['text']}")
+    for error in report["errors"]:
+        out.print(f"error: {error}")
+    for step in report["steps"]:
+        out.print(f"\nstep {step['number']}: {step['name']} [{step['status']}]")
+        out.print(f"  {step['text']}")
+        for attempt in step["attempts"]:
+            critique = attempt["critique"]
+            verdict = (
+                "not judged" if critique is None
+                else "accepted" if critique["success"] else "rejected"
+            )
+            out.print(
+                f"  attempt {attempt['number']}: seed {attempt['seed']}, image "
+                f"{attempt['image']['sha256'][:12]}, {verdict}, "
+                f"{attempt['generation_seconds']:.2f}s drawing, "
+                f"{attempt['critique_seconds']:.2f}s judging"
+            )
+            out.print(f"    prompt: {attempt['prompt']}")
+            if critique and critique.get("refine_prompt") and not critique["success"]:
+                out.print(f"    refined: {critique['refine_prompt']}")
+    if report["document_path"]:
+        out.print(f"\ndocument: {report['document_path']}")
+
+
+@app.command()
+@_reports_errors
+def export(
+    thread: Annotated[str, typer.Argument(help="Thread id.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="html, md or json.", case_sensitive=False)
+    ] = "html",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Output file (default: run directory).")
+    ] = None,
+    run_dir: RunDirOption = None,
+    checkpointer: CheckpointerOption = None,
+) -> None:
+    """Write a finished thread's document as HTML, Markdown or JSON; prints its path."""
+    fmt = fmt.lower()
+    if fmt not in ("html", "md", "json"):
+        raise ConfigurationError(f"unknown format {fmt!r}", hint="use html, md or json")
+    workspace = Workspace.open(run_dir, checkpointer)
+    document = asyncio.run(
+        aload_document(thread, run_dir=workspace.run_dir, checkpointer=workspace.checkpointer_url)
+    )
+    target = output or workspace.document_path(thread).with_suffix(f".{fmt}")
+    chosen: Literal["html", "md", "json"] = fmt  # type: ignore[assignment]
+    path = export_document(
+        document, workspace.image_store, thread_id=thread, fmt=chosen, out=target
+    )
+    out.print(str(path))
+
+
+if __name__ == "__main__":
+    app()

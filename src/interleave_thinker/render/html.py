@@ -1,0 +1,256 @@
+"""Render a document as one self-contained HTML page: inline CSS, data-URI images, no scripts."""
+
+from __future__ import annotations
+
+import base64
+import re
+from html import escape
+
+from pydantic import ValidationError
+
+from interleave_thinker.checkpoints.image_store import ImageStore
+from interleave_thinker.errors import ImageError
+from interleave_thinker.state import Attempt, Critique, Document, DocumentStep, ImageRef
+
+TITLE_LENGTH = 80
+
+# What a reader is told when a step shows no image, by status.
+STATUS_NOTES: dict[str, str] = {
+    "text": "Text-only step: no image was planned for it.",
+    "skipped": "Skipped: the generator-call budget ran out before this step was drawn.",
+    "pending": "Unfinished: the run stopped before this step had an image.",
+}
+NO_IMAGE_NOTE = "This step has no image."
+FORCED_NOTE = (
+    "The critic never accepted an attempt at this step; "
+    "the kept image was chosen by the selection policy."
+)
+TEST_PROFILE_NOTE = (
+    "Test profile: the planner, critic and generator were test stand-ins, not real models. "
+    "The text and images below are placeholders."
+)
+
+# The policy forbids every script, plugin and remote fetch even if escaping were ever missed.
+_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+    "base-uri 'none'; form-action 'none'"
+)
+
+_CSS = """
+:root { color-scheme: light dark; --muted: #6b7280; --line: #d1d5db; --warn: #b45309; }
+body { font: 16px/1.55 system-ui, sans-serif; max-width: 56rem; margin: 2rem auto;
+       padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin-bottom: .5rem; }
+.meta { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem;
+        color: var(--muted); }
+.meta dt { font-weight: 600; }
+.meta dd { margin: 0; overflow-wrap: anywhere; }
+.notice { border-left: 4px solid var(--warn); padding: .5rem .8rem;
+          background: rgba(180, 83, 9, .08); }
+.inputs img, .step-image img { max-width: 100%; height: auto; display: block; }
+.inputs { display: flex; flex-wrap: wrap; gap: .5rem; }
+.inputs img { max-width: 16rem; }
+.step { border-top: 1px solid var(--line); padding: 1rem 0; }
+.badge { display: inline-block; font-size: .75rem; font-weight: 600; padding: .1rem .5rem;
+         border-radius: .6rem; vertical-align: middle; margin-left: .4rem;
+         border: 1px solid currentColor; }
+.badge.forced { color: var(--warn); }
+.badge.accepted { color: #15803d; }
+.note { color: var(--muted); font-style: italic; }
+details.attempts { margin-top: .8rem; }
+details.attempts summary { cursor: pointer; color: var(--muted); }
+.attempt { margin: .6rem 0; padding: .5rem; border: 1px solid var(--line);
+           border-radius: .4rem; display: grid; grid-template-columns: 10rem 1fr; gap: .8rem; }
+.attempt.kept { border-color: #15803d; border-width: 2px; }
+.attempt img.thumb { width: 10rem; height: auto; }
+.attempt dl { margin: 0; display: grid; grid-template-columns: max-content 1fr; gap: .1rem .6rem; }
+.attempt dt { font-weight: 600; }
+.attempt dd { margin: 0; overflow-wrap: anywhere; }
+code { overflow-wrap: anywhere; }
+"""
+
+
+def _e(value: object) -> str:
+    """Escape anything for element text or a quoted attribute value."""
+    return escape(str(value), quote=True)
+
+
+def document_title(document: Document, limit: int = TITLE_LENGTH) -> str:
+    """A one-line title from the request text (not escaped), cut to ``limit`` characters."""
+    # Cut before escaping, so that an entity such as &amp; is never split in half.
+    words = " ".join(document.request.text.split())
+    if len(words) <= limit:
+        return words
+    return words[: limit - 1].rstrip() + "…"
+
+
+def kept_attempt(step: DocumentStep) -> int | None:
+    """Index of the attempt whose image the step kept: the last one with the step's image."""
+    if step.image is None:
+        return None
+    for index in range(len(step.attempts) - 1, -1, -1):
+        if step.attempts[index].image == step.image:
+            return index
+    return None
+
+
+def validated_ref(ref: ImageRef) -> ImageRef:
+    """``ref`` validated again: a record built without validation must not pick a media type."""
+    try:
+        return ImageRef.model_validate(ref.model_dump())
+    except ValidationError as exc:
+        raise ImageError(
+            f"image reference {str(ref.sha256)[:12]!r} is invalid: {exc.errors()[0]['msg']}",
+            hint="the document was edited or damaged; export it again from the thread",
+        ) from exc
+
+
+class _Embedder:
+    """Builds data URIs, reading and encoding each distinct image once."""
+
+    def __init__(self, store: ImageStore) -> None:
+        self._store = store
+        self._encoded: dict[str, str] = {}
+
+    def uri(self, ref: ImageRef) -> str:
+        ref = validated_ref(ref)
+        encoded = self._encoded.get(ref.sha256)
+        if encoded is None:
+            encoded = base64.b64encode(self._store.read(ref)).decode("ascii")
+            self._encoded[ref.sha256] = encoded
+        # The media type is one of a fixed set and base64 needs no escaping in an attribute.
+        return f"data:{ref.media_type};base64,{encoded}"
+
+    def img(self, ref: ImageRef, alt: str, css_class: str = "") -> str:
+        class_attr = f' class="{_e(css_class)}"' if css_class else ""
+        return (
+            f'<img{class_attr} src="{self.uri(ref)}" alt="{_e(alt)}" '
+            f'width="{int(ref.width)}" height="{int(ref.height)}" '
+            f'title="sha256 {_e(ref.sha256)}">'
+        )
+
+
+def _lines(text: str) -> str:
+    return "<br>\n".join(_e(line) for line in text.split("\n"))
+
+
+def _paragraphs(text: str, css_class: str = "") -> str:
+    """Escaped text as paragraphs: blank lines split paragraphs, single newlines become <br>."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    class_attr = f' class="{_e(css_class)}"' if css_class else ""
+    blocks = [block for block in re.split(r"\n[ \t]*\n", text) if block.strip()]
+    return "\n".join(f"<p{class_attr}>{_lines(block.strip())}</p>" for block in blocks)
+
+
+def _header(document: Document, embed: _Embedder, thread_id: str) -> str:
+    request = document.request
+    parts = [f"<header>\n<h1>{_e(document_title(document))}</h1>"]
+    if document.profile == "test":
+        parts.append(f'<p class="notice test-profile" role="note">{_e(TEST_PROFILE_NOTE)}</p>')
+    parts.append(f'<section class="request">\n<h2>Request</h2>\n{_paragraphs(request.text)}')
+    if request.images:
+        images = "\n".join(
+            f"<figure>{embed.img(ref, f'Input image {n}')}"
+            f"<figcaption>Input image {n}</figcaption></figure>"
+            for n, ref in enumerate(request.images, start=1)
+        )
+        parts.append(f'<h3>Input images</h3>\n<div class="inputs">\n{images}\n</div>')
+    parts.append("</section>")
+    profile = document.profile or "(not recorded)"
+    parts.append(
+        '<dl class="meta">'
+        f"<dt>Thread</dt><dd><code>{_e(thread_id)}</code></dd>"
+        f"<dt>Profile</dt><dd>{_e(profile)}</dd>"
+        f"<dt>Generator calls</dt><dd>{int(document.generator_calls)}</dd>"
+        f"<dt>Steps</dt><dd>{len(document.steps)}</dd>"
+        "</dl>\n</header>"
+    )
+    return "\n".join(parts)
+
+
+def _critique(critique: Critique | None) -> str:
+    if critique is None:
+        return '<dt>Critique</dt><dd class="note">not judged</dd>'
+    verdict = "accepted" if critique.success else "rejected"
+    rows = [f'<dt>Critique</dt><dd class="verdict {verdict}">{verdict}</dd>']
+    if critique.score is not None:
+        rows.append(f"<dt>Score</dt><dd>{_e(f'{critique.score:g}')}</dd>")
+    if critique.refine_prompt:
+        rows.append(f"<dt>Refine prompt</dt><dd>{_lines(critique.refine_prompt)}</dd>")
+    if critique.reasoning:
+        rows.append(f"<dt>Reasoning</dt><dd>{_lines(critique.reasoning)}</dd>")
+    return "".join(rows)
+
+
+def _attempt(step: DocumentStep, attempt: Attempt, kept: bool, embed: _Embedder) -> str:
+    anchor = f"step-{int(step.number)}-attempt-{int(attempt.number)}"
+    css = "attempt kept" if kept else "attempt"
+    name = f"Attempt {int(attempt.number)}"
+    label = name
+    if kept:
+        label += ' <span class="badge accepted">kept</span>'
+    if attempt.reused:
+        label += ' <span class="note">(reused from the generation ledger)</span>'
+    thumb = embed.img(attempt.image, f"{name} of step {int(step.number)}", "thumb")
+    return (
+        f'<li class="{css}" id="{anchor}" data-attempt="{int(attempt.number)}" '
+        f'data-kept="{"true" if kept else "false"}">\n'
+        f"{thumb}\n<div>\n<h4>{label}</h4>\n<dl>"
+        f"<dt>Prompt</dt><dd>{_lines(attempt.prompt)}</dd>"
+        f"<dt>Seed</dt><dd>{int(attempt.seed)}</dd>"
+        f"<dt>Image</dt><dd><code>{_e(attempt.image.short)}</code></dd>"
+        f"{_critique(attempt.critique)}</dl>\n</div>\n</li>"
+    )
+
+
+def _step(step: DocumentStep, embed: _Embedder) -> str:
+    number = int(step.number)
+    heading = f"Step {number}: {step.name}" if step.name else f"Step {number}"
+    badge = ""
+    if step.status == "forced":
+        badge = ' <span class="badge forced">forced</span>'
+    elif step.status == "accepted":
+        badge = ' <span class="badge accepted">accepted</span>'
+    parts = [
+        f'<article class="step" id="step-{number}" data-step="{number}" '
+        f'data-status="{_e(step.status)}">',
+        f"<h2>{_e(heading)}{badge}</h2>",
+    ]
+    if step.status == "forced":
+        parts.append(f'<p class="notice forced">{_e(FORCED_NOTE)}</p>')
+    if step.text:
+        parts.append(_paragraphs(step.text, "text"))
+    if step.image is not None:
+        alt = step.instruction or heading
+        parts.append(f'<figure class="step-image">{embed.img(step.image, alt)}</figure>')
+    else:
+        note = STATUS_NOTES.get(step.status, NO_IMAGE_NOTE)
+        parts.append(f'<p class="note no-image">{_e(note)}</p>')
+    if step.attempts:
+        kept = kept_attempt(step)
+        items = "\n".join(
+            _attempt(step, attempt, index == kept, embed)
+            for index, attempt in enumerate(step.attempts)
+        )
+        parts.append(
+            f'<details class="attempts">\n<summary>Attempts ({len(step.attempts)})</summary>\n'
+            f'<ol class="attempt-list">\n{items}\n</ol>\n</details>'
+        )
+    parts.append("</article>")
+    return "\n".join(parts)
+
+
+def render_html(document: Document, store: ImageStore, *, thread_id: str) -> str:
+    """The document as one HTML5 page that needs no network, no files and no JavaScript."""
+    embed = _Embedder(store)
+    steps = "\n".join(_step(step, embed) for step in document.steps)
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_e(document_title(document))}</title>\n"
+        f"<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"{_header(document, embed, thread_id)}\n"
+        f"<main>\n{steps}\n</main>\n</body>\n</html>\n"
+    )

@@ -1,0 +1,82 @@
+"""Shared fixtures: run directories, scripted chat models and a recording generator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+from PIL import Image
+from pydantic import Field
+
+from interleave_thinker.context import Backends
+from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.state import RunOptions
+from interleave_thinker.tools.base import GenerationJob
+from interleave_thinker.tools.test_generator import TestImageGenerator
+
+
+class ScriptedChatModel(BaseChatModel):
+    """A chat model whose reply is computed by a test function; it records every call."""
+
+    reply: Callable[[list[BaseMessage]], str]
+    calls: list[list[BaseMessage]] = Field(default_factory=list)
+    name_for_identity: str = "scripted"
+
+    @property
+    def _llm_type(self) -> str:
+        return self.name_for_identity
+
+    def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
+                  **kwargs: Any) -> ChatResult:
+        self.calls.append(list(messages))
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(self.reply(messages)))])
+
+
+def scripted(reply: Callable[[list[BaseMessage]], str] | Sequence[str], name: str = "scripted"
+             ) -> ScriptedChatModel:
+    """A scripted model from a function of the messages, or from a list of replies in order."""
+    if callable(reply):
+        return ScriptedChatModel(reply=reply, calls=[], name_for_identity=name)
+    replies = list(reply)
+
+    def next_reply(_: list[BaseMessage]) -> str:
+        if not replies:
+            raise AssertionError("scripted model ran out of replies")
+        return replies.pop(0)
+
+    return ScriptedChatModel(reply=next_reply, calls=[], name_for_identity=name)
+
+
+class RecordingGenerator(TestImageGenerator):
+    """The test generator, also keeping every job it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[GenerationJob] = []
+
+    async def agenerate(self, jobs: Sequence[GenerationJob]) -> list[Image.Image | bytes]:
+        self.jobs.extend(jobs)
+        return await super().agenerate(jobs)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def small() -> RunOptions:
+    """Small images keep the tests fast; everything else is the default."""
+    return RunOptions(width=64, height=64)
+
+
+@pytest.fixture
+def test_backends() -> Backends:
+    return Backends(
+        planner=TestPlannerModel(), critic=TestCriticModel(), generator=RecordingGenerator()
+    )
