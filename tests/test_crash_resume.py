@@ -17,6 +17,8 @@ pytestmark = pytest.mark.slow
 
 REQUEST = "A seed falls. Rain comes. A sprout rises. Leaves unfold. A bud forms. It blooms."
 DELAY = 0.4
+# The installed console script, as a user runs it.
+INTERLEAVE = Path(sys.executable).with_name("interleave")
 
 
 def _interleave(*args: str, run_dir: Path, call_log: Path) -> subprocess.Popen[str]:
@@ -27,7 +29,7 @@ def _interleave(*args: str, run_dir: Path, call_log: Path) -> subprocess.Popen[s
         "INTERLEAVE_TEST_GENERATOR_DELAY": str(DELAY),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "interleave_thinker", *args],
+        [str(INTERLEAVE), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

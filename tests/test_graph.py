@@ -14,9 +14,11 @@ from conftest import RecordingGenerator, scripted
 from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import (
+    GeneratorError,
     ImageError,
     ModelOutputError,
     SettingsMismatchError,
+    TransientGeneratorError,
     UnknownThreadError,
 )
 from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
@@ -321,3 +323,45 @@ async def test_critic_receives_blank_canvas_then_previous_image(
     first_previous = critic.calls[0][-1].content[1]
     image = Image.open(io.BytesIO(base64.b64decode(first_previous["base64"])))
     assert image.size == (64, 64) and image.getextrema() == ((255, 255),) * 3
+
+
+class _FlakyGenerator(RecordingGenerator):
+    """Fails its first ``failures`` backend calls with ``error``, then draws normally."""
+
+    def __init__(self, error: Exception, failures: int) -> None:
+        super().__init__()
+        self.error, self.failures = error, failures
+
+    async def agenerate(self, jobs):  # type: ignore[no-untyped-def]
+        if self.failures:
+            self.failures -= 1
+            raise self.error
+        return await super().agenerate(jobs)
+
+
+async def test_transient_generator_error_is_retried_by_the_graph(
+    run_dir: Path, small: RunOptions
+) -> None:
+    generator = _FlakyGenerator(TransientGeneratorError("server busy"), failures=1)
+    planner = scripted([plan_reply([step(1, "a lamp")])])
+    result = await arun("lamp", backends=backends(planner, scripted(lambda _: verdict_reply(True)),
+                                                 generator),
+                        options=small, run_dir=run_dir, checkpointer=MEMORY)
+    assert generator.failures == 0 and len(generator.jobs) == 1
+    assert result.document.steps[0].status == "accepted"
+
+
+async def test_permanent_generator_error_stops_and_the_thread_resumes_later(
+    run_dir: Path, small: RunOptions
+) -> None:
+    generator = _FlakyGenerator(GeneratorError("model refused the prompt"), failures=1)
+    planner = scripted([plan_reply([step(1, "a lamp"), step(2, "a lamp, lit")])])
+    critic = scripted(lambda _: verdict_reply(True))
+    with pytest.raises(GeneratorError, match="refused"):
+        await arun("lamp", backends=backends(planner, critic, generator), options=small,
+                   run_dir=run_dir, checkpointer=MEMORY, thread_id="stops")
+    # The plan survived; resuming does not ask the planner again.
+    result = await aresume("stops", backends=backends(planner, critic, generator),
+                           run_dir=run_dir, checkpointer=MEMORY)
+    assert len(planner.calls) == 1
+    assert [s.status for s in result.document.steps] == ["accepted", "accepted"]

@@ -14,8 +14,8 @@ from interleave_thinker.errors import (
 from interleave_thinker.graph import build_graph
 from interleave_thinker.runner import (
     RunResult,
-    aload_document,
     alist_threads,
+    aload_document,
     aresume,
     arun,
     athread_report,
@@ -57,8 +57,8 @@ __all__ = [
     "Step",
     "TransientGeneratorError",
     "UnknownThreadError",
-    "aload_document",
     "alist_threads",
+    "aload_document",
     "aresume",
     "arun",
     "athread_report",

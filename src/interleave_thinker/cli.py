@@ -73,6 +73,13 @@ SelectionOption = Annotated[
         help="Attempt a step keeps when the critic never accepts one: last (paper) or best.",
     ),
 ]
+MaxStepsOption = Annotated[
+    int | None, typer.Option("--max-steps", help="Most steps a plan may have (default 12).")
+]
+MaxReasksOption = Annotated[
+    int | None,
+    typer.Option("--max-reasks", help="Re-asks for unreadable planner/critic output (default 3)."),
+]
 SizeOption = Annotated[
     str | None, typer.Option("--size", help="Image size as WIDTHxHEIGHT (default 1024x1024).")
 ]
@@ -110,9 +117,13 @@ def _option_changes(
     seed: int | None,
     selection: str | None,
     size: str | None,
+    max_steps: int | None = None,
+    max_reasks: int | None = None,
     accept_final: bool | None = None,
 ) -> dict[str, Any]:
     changes: dict[str, Any] = {
+        "max_steps": max_steps,
+        "max_reasks": max_reasks,
         "max_attempts": max_attempts,
         "max_calls": max_calls,
         "seed": seed,
@@ -206,6 +217,8 @@ def run(
     seed: SeedOption = None,
     selection: SelectionOption = None,
     size: SizeOption = None,
+    max_steps: MaxStepsOption = None,
+    max_reasks: MaxReasksOption = None,
     accept_final_without_critic: Annotated[
         bool,
         typer.Option(
@@ -222,6 +235,8 @@ def run(
             seed=seed,
             selection=selection,
             size=size,
+            max_steps=max_steps,
+            max_reasks=max_reasks,
             accept_final=accept_final_without_critic or None,
         )
     )
@@ -252,10 +267,18 @@ def resume(
     seed: SeedOption = None,
     selection: SelectionOption = None,
     size: SizeOption = None,
+    max_steps: MaxStepsOption = None,
+    max_reasks: MaxReasksOption = None,
 ) -> None:
     """Continue a thread from its last checkpoint (settings given must match the thread's)."""
     changes = _option_changes(
-        max_attempts=max_attempts, max_calls=max_calls, seed=seed, selection=selection, size=size
+        max_attempts=max_attempts,
+        max_calls=max_calls,
+        seed=seed,
+        selection=selection,
+        size=size,
+        max_steps=max_steps,
+        max_reasks=max_reasks,
     )
     result = asyncio.run(
         aresume(

@@ -1,0 +1,296 @@
+"""The content-addressed image store: round trips, integrity, unsafe input and atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from interleave_thinker.checkpoints import image_store
+from interleave_thinker.checkpoints.image_store import (
+    MAX_IMAGE_PIXELS,
+    ImageStore,
+    blank_canvas,
+    inspect_image,
+    write_atomically,
+)
+from interleave_thinker.errors import ImageError
+from interleave_thinker.state import ImageRef
+
+GOOD_SHA = "a" * 64
+
+
+def encoded(fmt: str, size: tuple[int, int] = (7, 5), color: str = "red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def handmade_png(width: int, height: int, *, bit_depth: int = 1, idat: bytes | None = None) -> bytes:
+    """A grayscale PNG with the given header; by default its IDAT holds all-zero rows."""
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    if idat is None:
+        row = b"\x00" * (1 + (width * bit_depth + 7) // 8)
+        idat = zlib.compress(row * height, 9)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ImageStore:
+    return ImageStore(tmp_path / "images")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "media_type", "suffix"),
+    [("PNG", "image/png", ".png"), ("JPEG", "image/jpeg", ".jpg"),
+     ("WEBP", "image/webp", ".webp")],
+)
+def test_put_then_read_round_trips(
+    store: ImageStore, fmt: str, media_type: str, suffix: str
+) -> None:
+    data = encoded(fmt)
+    ref = store.put(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert ref == ImageRef(sha256=digest, media_type=media_type, width=7, height=5)
+    assert store.read(ref) == data
+    assert store.contains(ref)
+    assert store.path_for(ref) == store.root / digest[:2] / f"{digest}{suffix}"
+    assert files_under(store.root) == [store.path_for(ref)]
+    with store.open(ref) as image:
+        assert image.size == (7, 5)
+
+
+def test_same_bytes_are_stored_once(store: ImageStore) -> None:
+    data = encoded("PNG")
+    first = store.put(data)
+    second = store.put(data)
+    assert first == second
+    assert len(files_under(store.root)) == 1
+    other = store.put(encoded("PNG", color="blue"))
+    assert other != first
+    assert len(files_under(store.root)) == 2
+
+
+def test_put_image_stores_png(store: ImageStore) -> None:
+    ref = store.put_image(Image.new("L", (3, 4), 128))
+    assert (ref.media_type, ref.width, ref.height) == ("image/png", 3, 4)
+    with store.open(ref) as image:
+        assert image.mode == "RGB"
+        assert image.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_tampered_file_is_refused_naming_the_hash(store: ImageStore) -> None:
+    data = encoded("PNG")
+    ref = store.put(data)
+    path = store.path_for(ref)
+    path.write_bytes(encoded("PNG", color="green"))
+    with pytest.raises(ImageError) as info:
+        store.read(ref)
+    assert ref.short in str(info.value)
+    assert "changed or damaged" in str(info.value)
+    assert info.value.hint
+    assert not store.contains(ref)
+    # Storing the same bytes again repairs the damaged file.
+    assert store.put(data) == ref
+    assert store.read(ref) == data
+
+
+def test_missing_file_is_refused_with_a_hint(store: ImageStore) -> None:
+    ref = store.put(encoded("PNG"))
+    store.path_for(ref).unlink()
+    with pytest.raises(ImageError) as info:
+        store.read(ref)
+    assert ref.short in str(info.value)
+    assert "missing" in str(info.value)
+    assert "--run-dir" in info.value.hint
+    assert not store.contains(ref)
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "../../etc/passwd",
+        "../" + "a" * 61,
+        "A" * 64,
+        "a" * 63,
+        "a" * 65,
+        "g" * 64,
+        "a" * 64 + "\n",
+        "",
+    ],
+)
+def test_image_ref_refuses_anything_but_a_lowercase_sha256(digest: str) -> None:
+    with pytest.raises(ValidationError, match="64 lowercase hexadecimal"):
+        ImageRef(sha256=digest, media_type="image/png", width=1, height=1)
+
+
+@pytest.mark.parametrize("media_type", ["image/gif", "image/png/../../x", "", "IMAGE/PNG"])
+def test_image_ref_refuses_unknown_media_types(media_type: str) -> None:
+    with pytest.raises(ValidationError, match="media type"):
+        ImageRef(sha256=GOOD_SHA, media_type=media_type, width=1, height=1)
+
+
+def test_image_ref_refuses_a_path_in_json(store: ImageStore) -> None:
+    # A reference read back from a file or checkpoint is validated the same way.
+    with pytest.raises(ValidationError):
+        ImageRef.model_validate_json(
+            '{"sha256": "../../etc/passwd", "media_type": "image/png", "width": 1, "height": 1}'
+        )
+
+
+@pytest.mark.parametrize("size", [(0, 1), (1, 0), (-1, 5)])
+def test_image_ref_refuses_empty_sizes(size: tuple[int, int]) -> None:
+    with pytest.raises(ValidationError):
+        ImageRef(sha256=GOOD_SHA, media_type="image/png", width=size[0], height=size[1])
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP"])
+def test_unsupported_format_is_refused_by_name(store: ImageStore, fmt: str) -> None:
+    with pytest.raises(ImageError, match=rf"\b{fmt}\b.*not PNG, JPEG or WebP") as info:
+        store.put(encoded(fmt), what="input image 1")
+    assert "input image 1" in str(info.value)
+    assert files_under(store.root) == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encoded("PNG", size=(64, 64))[:-40],  # cut inside the image data
+        encoded("PNG")[:30],  # only the signature and part of the header
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 64,
+        handmade_png(4, 4, idat=b"not zlib data at all"),
+        b"",
+        b"plain text, not an image",
+    ],
+    ids=["truncated-data", "truncated-header", "zeroed", "bad-idat", "empty", "text"],
+)
+def test_corrupt_bytes_are_refused(store: ImageStore, data: bytes) -> None:
+    with pytest.raises(ImageError, match="could not be decoded") as info:
+        store.put(data)
+    assert info.value.hint
+    assert files_under(store.root) == []
+
+
+def test_handmade_png_helper_is_valid() -> None:
+    # Guards the bomb tests below: the helper builds PNGs that decode when small.
+    assert inspect_image(handmade_png(16, 8)) == ("image/png", 16, 8)
+
+
+def test_decompression_bomb_header_is_refused_fast(store: ImageStore) -> None:
+    # 100000 x 100000 pixels claimed by a file of a few dozen bytes.
+    data = handmade_png(100_000, 100_000, idat=zlib.compress(b"\x00" * 16))
+    assert len(data) < 100
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match="pixels"):
+        store.put(data)
+    assert time.perf_counter() - started < 1.0
+    assert files_under(store.root) == []
+
+
+def test_image_over_our_pixel_limit_is_refused_before_decoding(store: ImageStore) -> None:
+    # 9000 x 9000 is under Pillow's own bomb limit but over ours, and decodes fine otherwise.
+    width = height = 9000
+    assert width * height > MAX_IMAGE_PIXELS
+    assert width * height < Image.MAX_IMAGE_PIXELS
+    data = handmade_png(width, height)
+    assert len(data) < 100_000
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match=f"9000x9000 pixels, over the {MAX_IMAGE_PIXELS} limit"):
+        store.put(data)
+    assert time.perf_counter() - started < 1.0
+    assert files_under(store.root) == []
+
+
+def test_oversized_bytes_are_refused(store: ImageStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encoded("PNG")
+    monkeypatch.setattr(image_store, "MAX_IMAGE_BYTES", len(data) - 1)
+    with pytest.raises(ImageError, match=f"{len(data)} bytes, over the {len(data) - 1} byte"):
+        store.put(data)
+    assert files_under(store.root) == []
+    monkeypatch.setattr(image_store, "MAX_IMAGE_BYTES", len(data))
+    assert store.read(store.put(data)) == data
+
+
+def _crash(*args: object, **kwargs: object) -> None:
+    raise OSError("simulated crash")
+
+
+@pytest.mark.parametrize("step", ["replace", "fsync"])
+def test_crash_during_write_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    target = tmp_path / "ab" / "target.png"
+    monkeypatch.setattr(os, step, _crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        write_atomically(target, b"payload")
+    monkeypatch.undo()
+    assert not target.exists()
+    assert files_under(tmp_path) == []
+
+
+def test_crash_during_overwrite_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "target.png"
+    write_atomically(target, b"old whole file")
+    monkeypatch.setattr(os, "replace", _crash)
+    with pytest.raises(OSError):
+        write_atomically(target, b"new file")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old whole file"
+    assert files_under(tmp_path) == [target]
+
+
+def test_crash_inside_put_leaves_the_store_empty(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = encoded("PNG")
+    monkeypatch.setattr(os, "replace", _crash)
+    with pytest.raises(OSError):
+        store.put(data)
+    monkeypatch.undo()
+    assert files_under(store.root) == []
+    ref = store.put(data)
+    assert store.read(ref) == data
+
+
+def test_write_atomically_creates_parents_and_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "file.bin"
+    write_atomically(target, b"one")
+    write_atomically(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert files_under(tmp_path) == [target]
+
+
+def test_blank_canvas_is_white_and_deterministic(tmp_path: Path) -> None:
+    first_store = ImageStore(tmp_path / "one")
+    ref = blank_canvas(first_store, 24, 16)
+    assert (ref.media_type, ref.width, ref.height) == ("image/png", 24, 16)
+    with first_store.open(ref) as image:
+        assert image.size == (24, 16)
+        assert image.convert("RGB").getcolors() == [(24 * 16, (255, 255, 255))]
+    assert blank_canvas(first_store, 24, 16) == ref
+    assert len(files_under(first_store.root)) == 1
+    assert blank_canvas(ImageStore(tmp_path / "two"), 24, 16) == ref
+    assert blank_canvas(first_store, 16, 24) != ref
