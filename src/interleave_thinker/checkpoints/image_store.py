@@ -21,11 +21,22 @@ MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; give finished files the mode open() would, under the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either no file or the whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -37,7 +37,9 @@ _CSP = (
 )
 
 _CSS = """
-:root { color-scheme: light dark; --muted: #6b7280; --line: #d1d5db; --warn: #b45309; }
+:root { color-scheme: light dark; --muted: #6b7280; --line: #d1d5db; --warn: #b45309;
+        --ok: #15803d; }
+@media (prefers-color-scheme: dark) { :root { --ok: #4ade80; } }
 body { font: 16px/1.55 system-ui, sans-serif; max-width: 56rem; margin: 2rem auto;
        padding: 0 1rem; }
 h1 { font-size: 1.6rem; margin-bottom: .5rem; }
@@ -50,18 +52,24 @@ h1 { font-size: 1.6rem; margin-bottom: .5rem; }
 .inputs img, .step-image img { max-width: 100%; height: auto; display: block; }
 .inputs { display: flex; flex-wrap: wrap; gap: .5rem; }
 .inputs img { max-width: 16rem; }
+.step-image img { max-width: min(100%, 32rem); max-height: 70vh; width: auto; }
+figure { margin: .8rem 0; }
 .step { border-top: 1px solid var(--line); padding: 1rem 0; }
 .badge { display: inline-block; font-size: .75rem; font-weight: 600; padding: .1rem .5rem;
          border-radius: .6rem; vertical-align: middle; margin-left: .4rem;
          border: 1px solid currentColor; }
 .badge.forced { color: var(--warn); }
-.badge.accepted { color: #15803d; }
+.badge.accepted { color: var(--ok); }
+.verdict.rejected { color: var(--warn); }
+.verdict.accepted { color: var(--ok); }
 .note { color: var(--muted); font-style: italic; }
 details.attempts { margin-top: .8rem; }
 details.attempts summary { cursor: pointer; color: var(--muted); }
 .attempt { margin: .6rem 0; padding: .5rem; border: 1px solid var(--line);
            border-radius: .4rem; display: grid; grid-template-columns: 10rem 1fr; gap: .8rem; }
-.attempt.kept { border-color: #15803d; border-width: 2px; }
+.attempt-list { list-style: none; padding: 0; margin: 0; }
+.attempt h4 { margin: 0 0 .3rem; }
+.attempt.kept { border-color: var(--ok); border-width: 2px; }
 .attempt img.thumb { width: 10rem; height: auto; }
 .attempt dl { margin: 0; display: grid; grid-template-columns: max-content 1fr; gap: .1rem .6rem; }
 .attempt dt { font-weight: 600; }
@@ -81,7 +89,11 @@ def document_title(document: Document, limit: int = TITLE_LENGTH) -> str:
     words = " ".join(document.request.text.split())
     if len(words) <= limit:
         return words
-    return words[: limit - 1].rstrip() + "…"
+    cut = words[: limit - 1]
+    # Prefer ending at a word boundary, unless that would leave almost nothing.
+    if " " in cut and cut.rfind(" ") > limit // 2:
+        cut = cut[: cut.rfind(" ")]
+    return cut.rstrip() + "…"
 
 
 def kept_attempt(step: DocumentStep) -> int | None:
