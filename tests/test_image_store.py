@@ -294,3 +294,19 @@ def test_blank_canvas_is_white_and_deterministic(tmp_path: Path) -> None:
     assert len(files_under(first_store.root)) == 1
     assert blank_canvas(ImageStore(tmp_path / "two"), 24, 16) == ref
     assert blank_canvas(first_store, 16, 24) != ref
+
+
+def test_multi_picture_jpeg_from_a_phone_is_accepted_as_jpeg(store: ImageStore) -> None:
+    buffer = io.BytesIO()
+    left, right = Image.new("RGB", (20, 10), "red"), Image.new("RGB", (20, 10), "blue")
+    left.save(buffer, format="MPO", save_all=True, append_images=[right])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    ref = store.put(buffer.getvalue())
+    assert (ref.media_type, ref.width, ref.height) == ("image/jpeg", 20, 10)
+
+
+def test_written_files_get_the_mode_the_umask_allows_not_0600(tmp_path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    image_store.write_atomically(tmp_path / "f.bin", b"x")
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o666 & ~umask

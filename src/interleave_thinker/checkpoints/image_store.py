@@ -14,7 +14,13 @@ from PIL import Image
 from interleave_thinker.errors import ImageError
 from interleave_thinker.state import MEDIA_SUFFIXES, ImageRef
 
-_PIL_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# Phone cameras often write multi-picture JPEGs, which Pillow reports as MPO.
+_PIL_MEDIA_TYPES = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "WEBP": "image/webp",
+}
 
 # Larger images are refused before decoding: a small file can claim billions of pixels.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
@@ -74,8 +80,9 @@ def inspect_image(data: bytes, *, what: str = "image") -> tuple[str, int, int]:
                 image.load()
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{what} has too many pixels: {exc}", hint="resize the image") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(
             f"{what} could not be decoded: {exc}", hint="use a PNG, JPEG or WebP file"
         ) from exc

@@ -40,7 +40,7 @@ class GenerationLedger:
         path = self._path(key)
         try:
             ref = ImageRef.model_validate_json(path.read_bytes())
-        except (FileNotFoundError, ValidationError, ValueError):
+        except (OSError, ValidationError, ValueError):
             return None
         # A record whose image was lost or damaged is as good as none: draw it again.
         return ref if self.store.contains(ref) else None

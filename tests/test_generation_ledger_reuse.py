@@ -1,0 +1,64 @@
+"""A generator node that re-runs (as after a crash before its checkpoint) reuses recorded images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from langgraph.runtime import Runtime
+
+from conftest import RecordingGenerator
+from interleave_thinker.checkpoints.image_store import ImageStore
+from interleave_thinker.checkpoints.ledger import GenerationLedger
+from interleave_thinker.context import Backends, Context
+from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.nodes.generator import generate_images
+from interleave_thinker.state import Plan, Request, RunOptions, RunSettings, Step, StepProgress
+
+
+def _state(options: RunOptions) -> dict:
+    plan = Plan(steps=tuple(Step(number=n, prompt=f"animal {n}", sources=()) for n in (1, 2, 3)))
+    return {
+        "request": Request(text="three animals"),
+        "settings": RunSettings(profile="test", planner="p", critic="c", generator="g",
+                                options=options),
+        "plan": plan,
+        "progress": tuple(StepProgress(number=n, next_prompt=f"animal {n}") for n in (1, 2, 3)),
+        "generator_calls": 0,
+    }
+
+
+async def test_rerun_of_a_finished_batch_calls_the_backend_zero_times(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+    generator = RecordingGenerator()
+    context = Context(
+        backends=Backends(planner=TestPlannerModel(), critic=TestCriticModel(),
+                          generator=generator),
+        image_store=store,
+        ledger=GenerationLedger(tmp_path / "generations", store),
+    )
+    state = _state(RunOptions(width=32, height=32))
+    first = await generate_images(state, Runtime(context=context))
+    again = await generate_images(state, Runtime(context=context))
+    assert generator.batch_sizes == [3]
+    images = [item.attempts[0].image for item in first["progress"]]
+    assert [item.attempts[0].image for item in again["progress"]] == images
+    assert all(item.attempts[0].reused for item in again["progress"])
+    assert again["generator_calls"] == first["generator_calls"] == 3
+
+
+async def test_a_lost_image_is_drawn_again_rather_than_trusted(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+    generator = RecordingGenerator()
+    context = Context(
+        backends=Backends(planner=TestPlannerModel(), critic=TestCriticModel(),
+                          generator=generator),
+        image_store=store,
+        ledger=GenerationLedger(tmp_path / "generations", store),
+    )
+    state = _state(RunOptions(width=32, height=32))
+    first = await generate_images(state, Runtime(context=context))
+    store.path_for(first["progress"][1].attempts[0].image).unlink()
+    again = await generate_images(state, Runtime(context=context))
+    assert generator.batch_sizes == [3, 1]
+    assert [item.attempts[0].reused for item in again["progress"]] == [True, False, True]
+    assert store.contains(again["progress"][1].attempts[0].image)
