@@ -27,15 +27,20 @@ def _state(options: RunOptions) -> dict:
     }
 
 
-async def test_rerun_of_a_finished_batch_calls_the_backend_zero_times(tmp_path: Path) -> None:
+def _context(tmp_path: Path) -> Context:
     store = ImageStore(tmp_path / "images")
-    generator = RecordingGenerator()
-    context = Context(
+    return Context(
         backends=Backends(planner=TestPlannerModel(), critic=TestCriticModel(),
-                          generator=generator),
+                          generator=RecordingGenerator()),
         image_store=store,
         ledger=GenerationLedger(tmp_path / "generations", store),
     )
+
+
+async def test_rerun_of_a_finished_batch_calls_the_backend_zero_times(tmp_path: Path) -> None:
+    context = _context(tmp_path)
+    generator = context.backends.generator
+    assert isinstance(generator, RecordingGenerator)
     state = _state(RunOptions(width=32, height=32))
     first = await generate_images(state, Runtime(context=context))
     again = await generate_images(state, Runtime(context=context))
@@ -47,14 +52,9 @@ async def test_rerun_of_a_finished_batch_calls_the_backend_zero_times(tmp_path: 
 
 
 async def test_a_lost_image_is_drawn_again_rather_than_trusted(tmp_path: Path) -> None:
-    store = ImageStore(tmp_path / "images")
-    generator = RecordingGenerator()
-    context = Context(
-        backends=Backends(planner=TestPlannerModel(), critic=TestCriticModel(),
-                          generator=generator),
-        image_store=store,
-        ledger=GenerationLedger(tmp_path / "generations", store),
-    )
+    context = _context(tmp_path)
+    store, generator = context.image_store, context.backends.generator
+    assert isinstance(generator, RecordingGenerator)
     state = _state(RunOptions(width=32, height=32))
     first = await generate_images(state, Runtime(context=context))
     store.path_for(first["progress"][1].attempts[0].image).unlink()
