@@ -119,8 +119,12 @@ def test_errors_are_one_line_with_hint_and_nonzero_exit(cli: CliRunner, tmp_path
     code, _, stderr = invoke(cli, "run", "--profile", "test", "--max-attempts", "0", "x")
     assert code == 1 and "max_attempts" in stderr
 
+    # Without --profile the real models are loaded; offline and uncached, that is a clear error.
     code, _, stderr = invoke(cli, "run", "x")
-    assert code == 1 and "--profile test" in stderr
+    lines = stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 2
+    assert lines[0].startswith("error: ") and "FLUX.2-klein-4B" in lines[0]
+    assert lines[1].startswith("hint: ")
 
 
 def test_resume_refuses_changed_settings_and_finishes_same_ones(cli: CliRunner) -> None:

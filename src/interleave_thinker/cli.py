@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -27,7 +29,11 @@ from interleave_thinker.runner import (
     arun,
     athread_report,
 )
+from interleave_thinker.settings import load_model_settings
 from interleave_thinker.state import RunOptions, SelectionPolicy
+
+# Small images keep the demo's tiny FLUX.2-klein fast on a CPU.
+DEMO_OPTIONS = RunOptions(width=64, height=64)
 
 app = typer.Typer(
     name="interleave",
@@ -56,7 +62,23 @@ CheckpointerOption = Annotated[
 ]
 ProfileOption = Annotated[
     str | None,
-    typer.Option("--profile", help="Named set of models; 'test' needs no weights (stand-ins)."),
+    typer.Option(
+        "--profile",
+        help="default (the real models, see --planner/--critic/--generator), demo (tiny "
+        "offline models) or test (stand-ins that need no weights).",
+    ),
+]
+PlannerOption = Annotated[
+    str | None, typer.Option("--planner", help="Planner model: folder or hub id.")
+]
+CriticOption = Annotated[str | None, typer.Option("--critic", help="Critic model: folder or hub id.")]
+GeneratorOption = Annotated[
+    str | None, typer.Option("--generator", help="Diffusers model: folder or hub id.")
+]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML settings file (also $INTERLEAVE_CONFIG)."),
 ]
 MaxAttemptsOption = Annotated[
     int | None, typer.Option("--max-attempts", help="Generator calls per step (default 3).")
@@ -95,9 +117,10 @@ def _reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except InterleaveError as exc:
-            err.print(f"error: {exc.message}")
+            # Library messages can span lines; ours stay one line each.
+            err.print("error: " + " ".join(exc.message.split()))
             if exc.hint:
-                err.print(f"hint: {exc.hint}")
+                err.print("hint: " + " ".join(exc.hint.split()))
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
@@ -191,6 +214,17 @@ def _verdict_words(event: dict[str, Any]) -> str:
     return "rejected by the critic; redrawing with its refined prompt"
 
 
+def _quiet_libraries() -> None:
+    """Turn off the loading and sampling bars of transformers and diffusers: ours are enough."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for module in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            logging_module = importlib.import_module(module)
+        except ImportError:
+            continue
+        logging_module.disable_progress_bar()
+
+
 def _finish(result: RunResult) -> None:
     note = PROFILE_NOTES.get(result.document.profile)
     if note:
@@ -212,6 +246,11 @@ def run(
     run_dir: RunDirOption = None,
     checkpointer: CheckpointerOption = None,
     profile: ProfileOption = None,
+    planner: PlannerOption = None,
+    critic: CriticOption = None,
+    generator: GeneratorOption = None,
+    device: DeviceOption = None,
+    config: ConfigOption = None,
     max_attempts: MaxAttemptsOption = None,
     max_calls: MaxCallsOption = None,
     seed: SeedOption = None,
@@ -228,6 +267,7 @@ def run(
     ] = False,
 ) -> None:
     """Plan, draw and check a whole interleaved document; prints the HTML path last."""
+    _quiet_libraries()
     options = RunOptions().with_changes(
         **_option_changes(
             max_attempts=max_attempts,
@@ -245,6 +285,9 @@ def run(
             text,
             images=image or [],
             profile=profile,
+            model_settings=load_model_settings(
+                config, planner=planner, critic=critic, generator=generator, device=device
+            ),
             options=options,
             thread_id=thread,
             run_dir=run_dir,
@@ -262,6 +305,11 @@ def resume(
     run_dir: RunDirOption = None,
     checkpointer: CheckpointerOption = None,
     profile: ProfileOption = None,
+    planner: PlannerOption = None,
+    critic: CriticOption = None,
+    generator: GeneratorOption = None,
+    device: DeviceOption = None,
+    config: ConfigOption = None,
     max_attempts: MaxAttemptsOption = None,
     max_calls: MaxCallsOption = None,
     seed: SeedOption = None,
@@ -271,6 +319,7 @@ def resume(
     max_reasks: MaxReasksOption = None,
 ) -> None:
     """Continue a thread from its last checkpoint (settings given must match the thread's)."""
+    _quiet_libraries()
     changes = _option_changes(
         max_attempts=max_attempts,
         max_calls=max_calls,
@@ -284,7 +333,37 @@ def resume(
         aresume(
             thread,
             profile=profile,
+            model_settings=load_model_settings(
+                config, planner=planner, critic=critic, generator=generator, device=device
+            ),
             changes=changes,
+            run_dir=run_dir,
+            checkpointer=checkpointer,
+            on_event=_Progress(),
+        )
+    )
+    _finish(result)
+
+
+@app.command()
+@_reports_errors
+def demo(
+    run_dir: RunDirOption = None,
+    checkpointer: CheckpointerOption = None,
+    thread: Annotated[str | None, typer.Option("--thread", help="Thread id to use.")] = None,
+) -> None:
+    """Run the real pipeline offline on tiny models (CPU, under a minute); the pictures are noise."""
+    from interleave_thinker.demo.models import DEMO_REQUEST, demo_dir
+
+    _quiet_libraries()
+    err.print(f"demo: tiny models with random or scripted weights, built once in {demo_dir()}")
+    err.print(f"request: {DEMO_REQUEST}")
+    result = asyncio.run(
+        arun(
+            DEMO_REQUEST,
+            profile="demo",
+            options=DEMO_OPTIONS,
+            thread_id=thread,
             run_dir=run_dir,
             checkpointer=checkpointer,
             on_event=_Progress(),

@@ -27,8 +27,9 @@ from interleave_thinker.errors import (
     UnknownThreadError,
 )
 from interleave_thinker.graph import build_graph
-from interleave_thinker.models.profiles import load_profile
+from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
 from interleave_thinker.render.html import render_html
+from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import (
     Document,
     ImageRef,
@@ -186,13 +187,15 @@ async def arun(
     images: Sequence[str | os.PathLike[str]] = (),
     profile: str | None = None,
     backends: Backends | None = None,
+    model_settings: ModelSettings | None = None,
     options: RunOptions | None = None,
     thread_id: str | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     checkpointer: str | None = None,
     on_event: EventHandler | None = None,
 ) -> RunResult:
-    """Run a request to its document. Pass ``profile`` (e.g. "test") or your own ``backends``.
+    """Run a request to its document with a profile (default: the real in-process models,
+    configured by ``model_settings``) or your own ``backends``.
 
     With an existing ``thread_id`` the thread is continued if its request and settings are the
     same, and refused otherwise.
@@ -200,7 +203,7 @@ async def arun(
     if not text or not text.strip():
         raise ConfigurationError("the request text is empty", hint="say what to generate")
     workspace = Workspace.open(run_dir, checkpointer)
-    profile_name, backends = _choose_backends(profile, backends)
+    profile_name, backends = _choose_backends(profile, backends, model_settings)
     settings = make_settings(profile_name, backends, options)
     thread_id = validate_thread_id(thread_id) if thread_id else new_thread_id()
     request = Request(text=text, images=tuple(store_input_images(workspace.image_store, images)))
@@ -233,6 +236,7 @@ async def aresume(
     *,
     profile: str | None = None,
     backends: Backends | None = None,
+    model_settings: ModelSettings | None = None,
     options: RunOptions | None = None,
     changes: dict[str, Any] | None = None,
     run_dir: str | os.PathLike[str] | None = None,
@@ -253,7 +257,9 @@ async def aresume(
                 f"thread {thread_id} ran with custom models, which cannot be rebuilt by name",
                 hint="pass the same backends to resume()",
             )
-        profile_name, backends = _choose_backends(profile or stored_settings.profile, backends)
+        profile_name, backends = _choose_backends(
+            profile or stored_settings.profile, backends, model_settings
+        )
         chosen = (options or stored_settings.options).with_changes(**(changes or {}))
         settings = make_settings(profile_name, backends, chosen)
         _refuse_other_settings(thread_id, stored, settings, stored["request"])
@@ -279,15 +285,13 @@ async def _existing_state(
     return snapshot.values
 
 
-def _choose_backends(profile: str | None, backends: Backends | None) -> tuple[str, Backends]:
+def _choose_backends(
+    profile: str | None, backends: Backends | None, model_settings: ModelSettings | None
+) -> tuple[str, Backends]:
     if backends is not None:
         return profile or CUSTOM_PROFILE, backends
-    if profile is None:
-        raise ConfigurationError(
-            "no models chosen: give a profile or your own backends",
-            hint="try --profile test (stand-in models that need no weights)",
-        )
-    return profile, load_profile(profile)
+    profile = profile or DEFAULT_PROFILE
+    return profile, load_profile(profile, model_settings)
 
 
 async def aload_document(

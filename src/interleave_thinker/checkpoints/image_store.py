@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from interleave_thinker.errors import ImageError
-from interleave_thinker.state import MEDIA_SUFFIXES, ImageRef
+from interleave_thinker.state import MEDIA_SUFFIXES, SHA256_PATTERN, ImageRef
 
 # Phone cameras often write multi-picture JPEGs, which Pillow reports as MPO.
 _PIL_MEDIA_TYPES = {
@@ -134,26 +134,44 @@ class ImageStore:
 
     def read(self, ref: ImageRef) -> bytes:
         """The bytes of ``ref``, verified against its hash."""
-        path = self.path_for(ref)
         try:
-            data = path.read_bytes()
+            return self.read_path(self.path_for(ref), ref.sha256)
         except FileNotFoundError as exc:
             raise ImageError(
                 f"image {ref.short} is missing from the image store at {self.root}",
                 hint="the run directory was moved or cleaned; point --run-dir at the original",
             ) from exc
-        if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise ImageError(
-                f"image file {path} does not match its hash {ref.short}: it was changed or damaged",
-                hint="restore the run directory from a backup or rerun the thread",
-            )
-        return data
 
     def open(self, ref: ImageRef) -> Image.Image:
         """The image of ``ref`` as a loaded PIL image."""
         image = Image.open(io.BytesIO(self.read(ref)))
         image.load()
         return image
+
+    def find(self, sha256: str) -> ImageRef:
+        """The reference of a stored image known only by its hash (as an agent would name it)."""
+        if not SHA256_PATTERN.fullmatch(sha256):
+            raise ImageError(
+                f"{sha256!r} is not an image hash", hint="give the 64-hex sha256 of a stored image"
+            )
+        for suffix in MEDIA_SUFFIXES.values():
+            path = self.root / sha256[:2] / f"{sha256}{suffix}"
+            if path.is_file():
+                media, width, height = inspect_image(self.read_path(path, sha256))
+                return ImageRef(sha256=sha256, media_type=media, width=width, height=height)
+        raise ImageError(
+            f"no image {sha256[:12]} in the image store at {self.root}",
+            hint="pass the hash of an image this store produced",
+        )
+
+    def read_path(self, path: Path, sha256: str) -> bytes:
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ImageError(
+                f"image file {path} does not match its hash {sha256[:12]}: it was changed or damaged",
+                hint="restore the run directory from a backup or rerun the thread",
+            )
+        return data
 
     def contains(self, ref: ImageRef) -> bool:
         path = self.path_for(ref)

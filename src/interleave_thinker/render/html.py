@@ -29,6 +29,12 @@ TEST_PROFILE_NOTE = (
     "Test profile: the planner, critic and generator were test stand-ins, not real models. "
     "The text and images below are placeholders."
 )
+DEMO_PROFILE_NOTE = (
+    "Demo profile: tiny models with random or scripted weights ran through the real code. "
+    "The planner and critic replay fixed replies and the pictures are noise."
+)
+# Profiles whose output must never be mistaken for a real model's.
+STAND_IN_NOTES: dict[str, str] = {"test": TEST_PROFILE_NOTE, "demo": DEMO_PROFILE_NOTE}
 
 # The policy forbids every script, plugin and remote fetch even if escaping were ever missed.
 _CSP = (
@@ -157,8 +163,9 @@ def _paragraphs(text: str, css_class: str = "") -> str:
 def _header(document: Document, embed: _Embedder, thread_id: str) -> str:
     request = document.request
     parts = [f"<header>\n<h1>{_e(document_title(document))}</h1>"]
-    if document.profile == "test":
-        parts.append(f'<p class="notice test-profile" role="note">{_e(TEST_PROFILE_NOTE)}</p>')
+    if document.profile in STAND_IN_NOTES:
+        note = STAND_IN_NOTES[document.profile]
+        parts.append(f'<p class="notice test-profile" role="note">{_e(note)}</p>')
     parts.append(f'<section class="request">\n<h2>Request</h2>\n{_paragraphs(request.text)}')
     if request.images:
         images = "\n".join(

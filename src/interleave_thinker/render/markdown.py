@@ -10,8 +10,8 @@ from urllib.parse import quote
 from interleave_thinker.render.html import (
     FORCED_NOTE,
     NO_IMAGE_NOTE,
+    STAND_IN_NOTES,
     STATUS_NOTES,
-    TEST_PROFILE_NOTE,
     document_title,
     kept_attempt,
 )
@@ -127,8 +127,8 @@ def render_markdown(document: Document, *, image_paths: Mapping[str, str], threa
     """The document as Markdown; ``image_paths`` maps an image's sha256 to a relative path."""
     request = document.request
     lines = [f"# {md_inline(document_title(document))}", ""]
-    if document.profile == "test":
-        lines += [f"> **{TEST_PROFILE_NOTE}**", ""]
+    if document.profile in STAND_IN_NOTES:
+        lines += [f"> **{STAND_IN_NOTES[document.profile]}**", ""]
     lines += ["**Request:**", "", md_block(request.text), ""]
     for n, ref in enumerate(request.images, start=1):
         lines += [_image(ref, f"Input image {n}", image_paths), ""]

@@ -1,0 +1,1 @@
+"""Tiny offline models for `interleave demo` and the tests: real architectures, random or scripted weights."""

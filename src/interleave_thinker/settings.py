@@ -1,0 +1,88 @@
+"""Which models to load and how: defaults, a TOML settings file, environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from interleave_thinker.errors import ConfigurationError
+
+CONFIG_ENV = "INTERLEAVE_CONFIG"
+
+DEFAULT_PLANNER = "InterleaveThinker/InterleaveThinker-Planner-8B"
+# The SFT critic is lenient; the GRPO critic (InterleaveThinker/InterleaveThinker-Critic-8B) is
+# stricter and so triggers more redraws: more generator calls for more faithful images.
+DEFAULT_CRITIC = "InterleaveThinker/Critic-SFT-8B"
+DEFAULT_GENERATOR = "black-forest-labs/FLUX.2-klein-4B"
+
+
+class ModelSettings(BaseSettings):
+    """Model choices. Precedence: CLI flags, then INTERLEAVE_* variables, then the file."""
+
+    model_config = SettingsConfigDict(env_prefix="INTERLEAVE_", extra="forbid")
+
+    planner: str = Field(default=DEFAULT_PLANNER, description="Planner: local folder or hub id.")
+    critic: str = Field(default=DEFAULT_CRITIC, description="Critic: local folder or hub id.")
+    generator: str = Field(default=DEFAULT_GENERATOR, description="Diffusers folder or hub id.")
+    generator_pipeline: str | None = Field(
+        default=None, description="Diffusers pipeline class, when model_index.json is not enough."
+    )
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
+    dtype: str = Field(default="auto", description="auto (bfloat16 on GPU), bfloat16, float16, float32.")
+    cpu_offload: bool = Field(default=False, description="Offload idle diffusers parts to the CPU.")
+    steps: int | None = Field(default=None, ge=1, le=1000, description="Denoising steps.")
+    guidance: float | None = Field(default=None, ge=0, description="Guidance scale.")
+    max_new_tokens: int = Field(default=2048, ge=16, le=65536)
+    temperature: float = Field(default=0.0, ge=0, le=5, description="0 decodes greedily.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def load_model_settings(config_file: str | os.PathLike[str] | None = None, **flags: Any) -> ModelSettings:
+    """Settings from the file (``--config`` or ``$INTERLEAVE_CONFIG``), the environment and ``flags``.
+
+    Flags that are None are left to the other sources.
+    """
+    path = config_file or os.environ.get(CONFIG_ENV)
+    if path and not Path(path).is_file():
+        raise ConfigurationError(
+            f"settings file {path} does not exist", hint="check --config or $INTERLEAVE_CONFIG"
+        )
+
+    class _WithFile(ModelSettings):
+        model_config = SettingsConfigDict(
+            env_prefix="INTERLEAVE_", extra="forbid", toml_file=Path(path) if path else None
+        )
+
+    try:
+        loaded = _WithFile(**{name: value for name, value in flags.items() if value is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigurationError(
+            f"invalid model setting {where}: {first['msg']}",
+            hint=f"check the flag, the INTERLEAVE_{where.upper()} variable or the settings file",
+        ) from exc
+    return ModelSettings.model_construct(**loaded.model_dump())

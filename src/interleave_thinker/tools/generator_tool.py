@@ -1,0 +1,76 @@
+"""The image generator as a LangChain tool: text content for the model, an ImageRef as artifact."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from langchain_core.tools import BaseTool
+from pydantic import BaseModel, ConfigDict, Field
+
+from interleave_thinker.checkpoints.image_store import ImageStore, encode_png
+from interleave_thinker.errors import GeneratorError
+from interleave_thinker.state import ImageRef
+from interleave_thinker.tools.base import GenerationJob, ImageGenerator
+
+
+class GenerateImageInput(BaseModel):
+    """Arguments an agent passes to draw or edit one image."""
+
+    prompt: str = Field(min_length=1, description="What to draw, or how to change the sources.")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed; same seed, same image.")
+    width: int = Field(default=1024, ge=16, le=8192, description="Image width in pixels.")
+    height: int = Field(default=1024, ge=16, le=8192, description="Image height in pixels.")
+    source_images: list[str] = Field(
+        default_factory=list,
+        description="sha256 hashes of earlier images to edit (the first) or use as references.",
+    )
+
+
+class GenerateImageTool(BaseTool):
+    """Draws one image with any ImageGenerator backend and stores it in the image store."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    name: str = "generate_image"
+    description: str = (
+        "Draw an image from a text prompt, or edit earlier images named by their sha256. "
+        "Returns the new image's sha256 and size."
+    )
+    args_schema: type[BaseModel] = GenerateImageInput
+    response_format: str = "content_and_artifact"
+    generator: Any = Field(exclude=True)
+    image_store: Any = Field(exclude=True)
+
+    def _run(self, **kwargs: Any) -> tuple[str, ImageRef]:
+        # Sync callers get the async path on a private loop, which also works inside a loop.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, self._arun(**kwargs)).result()
+
+    async def _arun(
+        self,
+        prompt: str,
+        seed: int = 0,
+        width: int = 1024,
+        height: int = 1024,
+        source_images: list[str] | None = None,
+        **_: Any,
+    ) -> tuple[str, ImageRef]:
+        store: ImageStore = self.image_store
+        generator: ImageGenerator = self.generator
+        sources = [store.find(sha) for sha in source_images or []]
+        job = GenerationJob(
+            prompt=prompt,
+            seed=seed,
+            width=width,
+            height=height,
+            source_images=tuple(store.open(ref) for ref in sources),
+        )
+        (output,) = await generator.agenerate([job]) or [None]
+        if output is None:
+            raise GeneratorError(f"generator {generator.identity} returned no image")
+        ref = store.put(output if isinstance(output, bytes) else encode_png(output))
+        verb = "Edited" if sources else "Drew"
+        content = f"{verb} a {ref.width}x{ref.height} image, sha256 {ref.sha256}."
+        return content, ref
