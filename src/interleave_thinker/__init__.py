@@ -23,6 +23,7 @@ from interleave_thinker.runner import (
     resume,
     run,
 )
+from interleave_thinker.settings import ModelSettings, load_model_settings
 from interleave_thinker.state import (
     Budget,
     Critique,
@@ -49,6 +50,7 @@ __all__ = [
     "ImageRef",
     "InterleaveError",
     "ModelOutputError",
+    "ModelSettings",
     "Plan",
     "Request",
     "RunOptions",
@@ -64,6 +66,7 @@ __all__ = [
     "athread_report",
     "build_graph",
     "load_document",
+    "load_model_settings",
     "resume",
     "run",
 ]
