@@ -372,6 +372,117 @@ def demo(
     _finish(result)
 
 
+@app.command()
+@_reports_errors
+def batch(
+    prompts: Annotated[Path, typer.Argument(help="JSONL file: {\"id\", \"text\", \"images\"} per line.")],
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", help="Trajectories running at once.")
+    ] = 4,
+    shard: Annotated[
+        str, typer.Option("--shard", help="I/N: run the I-th of N shards (one per machine).")
+    ] = "0/1",
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Most generator jobs merged into one call.")
+    ] = 8,
+    run_dir: RunDirOption = None,
+    checkpointer: CheckpointerOption = None,
+    profile: ProfileOption = None,
+    planner: PlannerOption = None,
+    critic: CriticOption = None,
+    generator: GeneratorOption = None,
+    device: DeviceOption = None,
+    config: ConfigOption = None,
+    max_attempts: MaxAttemptsOption = None,
+    max_calls: MaxCallsOption = None,
+    seed: SeedOption = None,
+    selection: SelectionOption = None,
+    size: SizeOption = None,
+) -> None:
+    """Run every prompt of a file as its own thread; rerunning resumes and skips finished ones."""
+    from interleave_thinker.batch import arun_batch, parse_shard
+
+    _quiet_libraries()
+    options = RunOptions().with_changes(
+        **_option_changes(
+            max_attempts=max_attempts, max_calls=max_calls, seed=seed, selection=selection,
+            size=size,
+        )
+    )
+    with _BatchProgress() as progress:
+        report = asyncio.run(
+            arun_batch(
+                prompts,
+                profile=profile,
+                model_settings=load_model_settings(
+                    config, planner=planner, critic=critic, generator=generator, device=device
+                ),
+                options=options,
+                concurrency=concurrency,
+                shard=parse_shard(shard),
+                max_batch=max_batch,
+                run_dir=run_dir,
+                checkpointer=checkpointer,
+                on_progress=progress.update,
+            )
+        )
+    for bad in report.bad_lines:
+        err.print(f"error: {prompts}:{bad.line}: {bad.error}")
+    for outcome in report.outcomes:
+        if outcome.status == "failed":
+            err.print(f"error: prompt {outcome.prompt_id!r} (line {outcome.line}): {outcome.error}")
+    done = len(report.outcomes) - report.failed
+    err.print(
+        f"done: {done} finished, {report.failed} failed, {len(report.bad_lines)} invalid lines; "
+        f"{report.backend_calls} generator backend calls; manifest {report.manifest}"
+    )
+    out.print(str(report.index))
+    if report.failed or report.bad_lines:
+        raise typer.Exit(1)
+
+
+class _BatchProgress:
+    """A rich progress bar with done / running / failed counts and an ETA, on stderr."""
+
+    def __enter__(self) -> _BatchProgress:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("batch"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[running]} running, {task.fields[failed]} failed"),
+            TimeRemainingColumn(),
+            console=err,
+        )
+        self._progress.__enter__()
+        self._task = self._progress.add_task("batch", total=None, running=0, failed=0)
+        self._running = self._failed = 0
+        return self
+
+    def update(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "batch":
+            self._progress.update(self._task, total=event["total"])
+            return
+        if kind == "started":
+            self._running += 1
+        elif kind == "finished":
+            self._running -= 1
+            self._failed += event["status"] == "failed"
+            self._progress.advance(self._task)
+        self._progress.update(self._task, running=self._running, failed=self._failed)
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+
 @app.command("list")
 @_reports_errors
 def list_threads(

@@ -174,7 +174,7 @@ async def _drive(
     return document
 
 
-def _write_html(workspace: Workspace, thread_id: str, document: Document) -> Path:
+def write_html(workspace: Workspace, thread_id: str, document: Document) -> Path:
     path = workspace.document_path(thread_id)
     html = render_html(document, workspace.image_store, thread_id=thread_id)
     write_atomically(path, html.encode("utf-8"))
@@ -203,7 +203,7 @@ async def arun(
     if not text or not text.strip():
         raise ConfigurationError("the request text is empty", hint="say what to generate")
     workspace = Workspace.open(run_dir, checkpointer)
-    profile_name, backends = _choose_backends(profile, backends, model_settings)
+    profile_name, backends = choose_backends(profile, backends, model_settings)
     settings = make_settings(profile_name, backends, options)
     thread_id = validate_thread_id(thread_id) if thread_id else new_thread_id()
     request = Request(text=text, images=tuple(store_input_images(workspace.image_store, images)))
@@ -211,24 +211,37 @@ async def arun(
     if on_event is not None:
         on_event({"event": "thread", "thread_id": thread_id, "resumed": False})
     async with workspace.graph() as graph:
-        snapshot = await graph.aget_state(_thread_config(thread_id))
-        graph_input: TrajectoryState | None
-        if snapshot.values:
-            _refuse_other_settings(thread_id, snapshot.values, settings, request)
-            graph_input = None
-        else:
-            graph_input = {
-                "request": request,
-                "settings": settings,
-                "plan": None,
-                "progress": (),
-                "generator_calls": 0,
-                "document": None,
-            }
-        document = snapshot.values.get("document") if snapshot.values else None
-        if document is None:
-            document = await _drive(graph, graph_input, thread_id, context, on_event)
-    return RunResult(thread_id, document, _write_html(workspace, thread_id, document))
+        document = await run_thread(graph, thread_id, request, settings, context, on_event)
+    return RunResult(thread_id, document, write_html(workspace, thread_id, document))
+
+
+async def run_thread(
+    graph: CompiledStateGraph[TrajectoryState, Context],
+    thread_id: str,
+    request: Request,
+    settings: RunSettings,
+    context: Context,
+    on_event: EventHandler | None = None,
+) -> Document:
+    """Start ``thread_id``, continue it if it exists with the same request and settings, or
+    return its document at once if it has finished (no model or generator call)."""
+    snapshot = await graph.aget_state(_thread_config(thread_id))
+    graph_input: TrajectoryState | None = None
+    if snapshot.values:
+        _refuse_other_settings(thread_id, snapshot.values, settings, request)
+        document = snapshot.values.get("document")
+        if document is not None:
+            return document
+    else:
+        graph_input = {
+            "request": request,
+            "settings": settings,
+            "plan": None,
+            "progress": (),
+            "generator_calls": 0,
+            "document": None,
+        }
+    return await _drive(graph, graph_input, thread_id, context, on_event)
 
 
 async def aresume(
@@ -257,7 +270,7 @@ async def aresume(
                 f"thread {thread_id} ran with custom models, which cannot be rebuilt by name",
                 hint="pass the same backends to resume()",
             )
-        profile_name, backends = _choose_backends(
+        profile_name, backends = choose_backends(
             profile or stored_settings.profile, backends, model_settings
         )
         chosen = (options or stored_settings.options).with_changes(**(changes or {}))
@@ -270,7 +283,7 @@ async def aresume(
             document = await _drive(
                 graph, None, thread_id, workspace.context(backends), on_event
             )
-    return RunResult(thread_id, document, _write_html(workspace, thread_id, document))
+    return RunResult(thread_id, document, write_html(workspace, thread_id, document))
 
 
 async def _existing_state(
@@ -285,7 +298,7 @@ async def _existing_state(
     return snapshot.values
 
 
-def _choose_backends(
+def choose_backends(
     profile: str | None, backends: Backends | None, model_settings: ModelSettings | None
 ) -> tuple[str, Backends]:
     if backends is not None:

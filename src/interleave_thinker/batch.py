@@ -1,0 +1,255 @@
+"""Resumable batch runs: many prompts from a JSONL file, one thread each, run concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import html
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from interleave_thinker.checkpoints.image_store import write_atomically
+from interleave_thinker.context import Backends
+from interleave_thinker.errors import ConfigurationError, InterleaveError
+from interleave_thinker.runner import (
+    Workspace,
+    choose_backends,
+    make_settings,
+    run_thread,
+    store_input_images,
+    write_html,
+)
+from interleave_thinker.settings import ModelSettings
+from interleave_thinker.state import Request, RunOptions
+from interleave_thinker.tools.coalescing import CoalescingGenerator
+
+# A prompt file line longer than this is refused rather than parsed.
+MAX_LINE_CHARS = 1_000_000
+
+
+class BatchPrompt(BaseModel):
+    """One line of a prompt file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=512)
+    text: str = Field(min_length=1)
+    images: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    line: int
+    prompt: BatchPrompt
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    error: str
+
+
+@dataclass
+class PromptOutcome:
+    """One manifest row."""
+
+    prompt_id: str
+    line: int
+    thread_id: str
+    status: str  # done | failed
+    document: str | None = None
+    error: str | None = None
+    generator_calls: int = 0
+
+
+def read_prompt_file(path: Path) -> tuple[list[PromptLine], list[BadLine]]:
+    """Valid prompts and bad lines (with what is wrong), in file order; blank lines are skipped."""
+    try:
+        raw_lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise ConfigurationError(f"prompt file {path} does not exist") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(
+            f"prompt file {path} is not UTF-8 text", hint="save it as UTF-8 JSON lines"
+        ) from exc
+    prompts: list[PromptLine] = []
+    bad: list[BadLine] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            if len(raw) > MAX_LINE_CHARS:
+                raise ValueError(f"the line is over {MAX_LINE_CHARS} characters")
+            prompt = BatchPrompt.model_validate(json.loads(raw))
+        except (ValueError, ValidationError) as exc:
+            bad.append(BadLine(number, _one_line(exc)))
+            continue
+        if prompt.id in seen:
+            bad.append(BadLine(number, f"id {prompt.id!r} was already used on line {seen[prompt.id]}"))
+            continue
+        seen[prompt.id] = number
+        prompts.append(PromptLine(number, prompt))
+    return prompts, bad
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "line"
+        return f"{where}: {first['msg']}"
+    return " ".join(str(exc).split())
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def thread_id_for(prompt_id: str) -> str:
+    """A valid, stable thread id for a prompt id: a readable slug plus a hash of the exact id.
+
+    The hash keeps ids that differ only in characters the slug drops apart.
+    """
+    slug = _UNSAFE.sub("-", prompt_id).strip("-.")[:80] or "prompt"
+    digest = hashlib.sha256(prompt_id.encode()).hexdigest()[:10]
+    return f"batch-{slug}-{digest}"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' with 0 <= I < N, as in --shard 0/2."""
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit() or not 0 <= int(index) < int(count):
+        raise ConfigurationError(
+            f"--shard {text!r} is not I/N with 0 <= I < N", hint="for two machines: 0/2 and 1/2"
+        )
+    return int(index), int(count)
+
+
+def in_shard(prompt_id: str, shard: tuple[int, int]) -> bool:
+    """Prompts are split by a hash of their id, so adding lines never moves others between shards."""
+    index, count = shard
+    return int(hashlib.sha256(prompt_id.encode()).hexdigest(), 16) % count == index
+
+
+@dataclass
+class BatchReport:
+    outcomes: list[PromptOutcome]
+    bad_lines: list[BadLine]
+    manifest: Path
+    index: Path
+    backend_calls: int
+
+    @property
+    def failed(self) -> int:
+        return sum(outcome.status == "failed" for outcome in self.outcomes)
+
+
+ProgressHandler = Callable[[dict[str, Any]], None]
+
+
+async def arun_batch(
+    prompt_file: str | os.PathLike[str],
+    *,
+    profile: str | None = None,
+    backends: Backends | None = None,
+    model_settings: ModelSettings | None = None,
+    options: RunOptions | None = None,
+    concurrency: int = 4,
+    shard: tuple[int, int] = (0, 1),
+    max_batch: int = 8,
+    max_wait: float = 0.05,
+    run_dir: str | os.PathLike[str] | None = None,
+    checkpointer: str | None = None,
+    on_progress: ProgressHandler | None = None,
+) -> BatchReport:
+    """Run every prompt of the shard; finished threads are skipped, unfinished ones resumed."""
+    if concurrency < 1:
+        raise ConfigurationError("--concurrency must be at least 1")
+    path = Path(prompt_file)
+    prompts, bad_lines = read_prompt_file(path)
+    mine = [item for item in prompts if in_shard(item.prompt.id, shard)]
+    workspace = Workspace.open(run_dir, checkpointer)
+    profile_name, backends = choose_backends(profile, backends, model_settings)
+    settings = make_settings(profile_name, backends, options)
+    coalescing = CoalescingGenerator(backends.generator, max_batch=max_batch, max_wait=max_wait)
+    context = workspace.context(
+        Backends(planner=backends.planner, critic=backends.critic, generator=coalescing)
+    )
+    notify = on_progress or (lambda _: None)
+    notify({"event": "batch", "total": len(mine), "bad_lines": len(bad_lines)})
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(item: PromptLine, graph: Any) -> PromptOutcome:
+        thread_id = thread_id_for(item.prompt.id)
+        async with limit:
+            notify({"event": "started", "prompt_id": item.prompt.id})
+            try:
+                images = [path.parent / image for image in item.prompt.images]
+                request = Request(
+                    text=item.prompt.text,
+                    images=tuple(store_input_images(workspace.image_store, images)),
+                )
+                document = await run_thread(graph, thread_id, request, settings, context)
+                page = write_html(workspace, thread_id, document)
+                outcome = PromptOutcome(
+                    item.prompt.id, item.line, thread_id, "done", str(page),
+                    generator_calls=document.generator_calls,
+                )
+            except (InterleaveError, ValidationError, OSError) as exc:
+                # One prompt's failure is recorded and the others go on.
+                message = exc.message if isinstance(exc, InterleaveError) else _one_line(exc)
+                outcome = PromptOutcome(
+                    item.prompt.id, item.line, thread_id, "failed", error=" ".join(message.split())
+                )
+            notify({"event": "finished", "prompt_id": item.prompt.id, "status": outcome.status})
+            return outcome
+
+    async with workspace.graph() as graph:
+        outcomes = list(await asyncio.gather(*(one(item, graph) for item in mine)))
+
+    suffix = "" if shard == (0, 1) else f"-shard-{shard[0]}-of-{shard[1]}"
+    folder = workspace.run_dir / "batches" / f"{_UNSAFE.sub('-', path.stem)}{suffix}"
+    manifest = folder / "manifest.jsonl"
+    rows = [asdict(outcome) for outcome in outcomes]
+    rows += [{"line": bad.line, "status": "invalid", "error": bad.error} for bad in bad_lines]
+    write_atomically(manifest, "".join(json.dumps(row) + "\n" for row in rows).encode())
+    index = folder / "index.html"
+    write_atomically(index, _index_page(path, outcomes, bad_lines, index).encode())
+    return BatchReport(outcomes, bad_lines, manifest, index, coalescing.backend_calls)
+
+
+def _index_page(source: Path, outcomes: list[PromptOutcome], bad: list[BadLine], index: Path) -> str:
+    rows = []
+    for outcome in outcomes:
+        if outcome.document:
+            target = os.path.relpath(outcome.document, index.parent)
+            link = f'<a href="{html.escape(target)}">{html.escape(outcome.prompt_id)}</a>'
+        else:
+            link = html.escape(outcome.prompt_id)
+        detail = html.escape(outcome.error or f"{outcome.generator_calls} generator calls")
+        rows.append(
+            f"<tr><td>{outcome.line}</td><td>{link}</td><td>{html.escape(outcome.status)}</td>"
+            f"<td><code>{html.escape(outcome.thread_id)}</code></td><td>{detail}</td></tr>"
+        )
+    for line in bad:
+        rows.append(
+            f"<tr><td>{line.line}</td><td></td><td>invalid</td><td></td>"
+            f"<td>{html.escape(line.error)}</td></tr>"
+        )
+    title = html.escape(f"Batch {source.name}")
+    return (
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+        "style-src 'unsafe-inline'\">"
+        f"<title>{title}</title><style>body{{font:15px system-ui,sans-serif;margin:2rem}}"
+        "td,th{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}</style>"
+        f"</head><body><h1>{title}</h1><table><tr><th>line</th><th>prompt</th><th>status</th>"
+        f"<th>thread</th><th>detail</th></tr>{''.join(rows)}</table></body></html>"
+    )
+

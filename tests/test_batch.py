@@ -1,0 +1,135 @@
+"""Batch runs: shards, resumable reruns that call nothing, bad lines, and request coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import RecordingGenerator
+from interleave_thinker.batch import arun_batch, in_shard, read_prompt_file, thread_id_for
+from interleave_thinker.cli import app
+from interleave_thinker.context import Backends
+from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.runner import THREAD_ID_PATTERN, alist_threads
+from interleave_thinker.state import RunOptions
+from interleave_thinker.tools.base import GenerationJob
+from interleave_thinker.tools.coalescing import CoalescingGenerator
+
+SMALL = RunOptions(width=32, height=32)
+
+
+def _prompt_file(folder: Path, count: int = 6, extra: str = "") -> Path:
+    lines = [json.dumps({"id": f"p{n}", "text": f"Scene {n} opens. Scene {n} closes."})
+             for n in range(count)]
+    path = folder / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def _backends() -> tuple[Backends, RecordingGenerator]:
+    generator = RecordingGenerator()
+    return Backends(planner=TestPlannerModel(), critic=TestCriticModel(),
+                    generator=generator), generator
+
+
+async def test_two_shards_cover_the_file_and_a_rerun_calls_nothing(tmp_path: Path) -> None:
+    prompts = _prompt_file(tmp_path)
+    run_dir = tmp_path / "runs"
+    ids: list[set[str]] = []
+    for shard in [(0, 2), (1, 2)]:
+        backends, _ = _backends()
+        report = await arun_batch(prompts, backends=backends, options=SMALL, shard=shard,
+                                  concurrency=3, run_dir=run_dir)
+        assert report.failed == 0 and report.manifest.is_file() and report.index.is_file()
+        ids.append({outcome.prompt_id for outcome in report.outcomes})
+    assert ids[0] | ids[1] == {f"p{n}" for n in range(6)} and not ids[0] & ids[1]
+
+    threads = {summary.thread_id: summary.status for summary in await alist_threads(run_dir=run_dir)}
+    assert threads == {thread_id_for(f"p{n}"): "done" for n in range(6)}
+
+    for shard in [(0, 2), (1, 2)]:
+        backends, generator = _backends()
+        again = await arun_batch(prompts, backends=backends, options=SMALL, shard=shard,
+                                 run_dir=run_dir)
+        assert generator.jobs == [] and again.backend_calls == 0
+        assert all(outcome.status == "done" for outcome in again.outcomes)
+
+
+async def test_bad_lines_are_named_and_the_other_prompts_run(tmp_path: Path) -> None:
+    extra = '{"id": "broken", "text": }\n{"id": "p1", "text": "duplicate id"}\n{"text": "no id"}\n'
+    prompts = _prompt_file(tmp_path, count=2, extra=extra)
+    backends, _ = _backends()
+    report = await arun_batch(prompts, backends=backends, options=SMALL, run_dir=tmp_path / "r")
+    assert [outcome.status for outcome in report.outcomes] == ["done", "done"]
+    assert [bad.line for bad in report.bad_lines] == [3, 4, 5]
+    assert "already used on line 2" in report.bad_lines[1].error
+    assert report.bad_lines[2].error.startswith("id:")
+    rows = [json.loads(line) for line in report.manifest.read_text().splitlines()]
+    assert [row["status"] for row in rows] == ["done", "done", "invalid", "invalid", "invalid"]
+
+
+async def test_concurrent_trajectories_share_generator_calls(tmp_path: Path) -> None:
+    backends, generator = _backends()
+    report = await arun_batch(_prompt_file(tmp_path, count=8), backends=backends, options=SMALL,
+                              concurrency=8, max_wait=0.2, run_dir=tmp_path / "r")
+    requests = sum(outcome.generator_calls for outcome in report.outcomes)
+    assert requests == len(generator.jobs) >= 16
+    assert report.backend_calls == len(generator.batch_sizes) < requests / 2
+
+
+async def test_coalescing_batches_orders_and_propagates_errors() -> None:
+    inner = RecordingGenerator()
+    merged = CoalescingGenerator(inner, max_batch=3, max_wait=0.5)
+    jobs = [GenerationJob(prompt=f"p{n}", seed=n, width=16, height=16) for n in range(7)]
+    results = await asyncio.gather(*(merged.agenerate([job]) for job in jobs))
+    # Full batches go at once; the remainder waits for max_wait.
+    assert inner.batch_sizes == [3, 3, 1] and merged.backend_calls == 3
+    alone = await RecordingGenerator().agenerate(jobs)
+    assert [r[0].tobytes() for r in results] == [image.tobytes() for image in alone]
+
+    class Broken(RecordingGenerator):
+        async def agenerate(self, jobs):  # type: ignore[no-untyped-def]
+            raise RuntimeError("GPU fell over")
+
+    failing = CoalescingGenerator(Broken(), max_batch=8, max_wait=0.01)
+    outcomes = await asyncio.gather(*(failing.agenerate([job]) for job in jobs[:3]),
+                                    return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+def test_thread_ids_and_shards_are_stable_and_valid() -> None:
+    for prompt_id in ["a", "../../etc", "spaces and ünïcode", "x" * 500, "c/../x"]:
+        thread = thread_id_for(prompt_id)
+        assert THREAD_ID_PATTERN.fullmatch(thread) and thread == thread_id_for(prompt_id)
+    assert thread_id_for("a/b") != thread_id_for("a_b")
+    ids = [f"id{n}" for n in range(200)]
+    counts = [sum(in_shard(i, (k, 3)) for i in ids) for k in range(3)]
+    assert sum(counts) == 200 and min(counts) > 40
+
+
+def test_read_prompt_file_refuses_missing_and_non_utf8(tmp_path: Path) -> None:
+    from interleave_thinker.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        read_prompt_file(tmp_path / "nope.jsonl")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"id": "a", "text": "caf\xe9"}\n')
+    with pytest.raises(ConfigurationError, match="UTF-8"):
+        read_prompt_file(latin)
+
+
+def test_batch_cli_reports_bad_lines_and_writes_index(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INTERLEAVE_RUN_DIR", str(tmp_path / "runs"))
+    prompts = _prompt_file(tmp_path, count=3, extra="oops\n")
+    result = CliRunner().invoke(app, ["batch", str(prompts), "--profile", "test",
+                                      "--size", "32x32", "--concurrency", "2"])
+    assert result.exit_code == 1
+    assert f"error: {prompts}:4:" in result.stderr
+    assert "3 finished, 0 failed, 1 invalid lines" in result.stderr
+    index = Path(result.stdout.strip().splitlines()[-1])
+    assert index.is_file() and index.read_text().count("<a href=") == 3
