@@ -25,6 +25,7 @@ class ScriptedChatModel(BaseChatModel):
 
     reply: Callable[[list[BaseMessage]], str]
     calls: list[list[BaseMessage]] = Field(default_factory=list)
+    call_kwargs: list[dict[str, Any]] = Field(default_factory=list)
     name_for_identity: str = "scripted"
 
     @property
@@ -34,6 +35,7 @@ class ScriptedChatModel(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
                   **kwargs: Any) -> ChatResult:
         self.calls.append(list(messages))
+        self.call_kwargs.append(kwargs)
         return ChatResult(generations=[ChatGeneration(message=AIMessage(self.reply(messages)))])
 
 

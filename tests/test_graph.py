@@ -365,3 +365,27 @@ async def test_permanent_generator_error_stops_and_the_thread_resumes_later(
                            run_dir=run_dir, checkpointer=MEMORY)
     assert len(planner.calls) == 1
     assert [s.status for s in result.document.steps] == ["accepted", "accepted"]
+
+
+async def test_structured_mode_binds_json_schemas_and_parses_json_replies(
+    run_dir: Path, small: RunOptions
+) -> None:
+    plan_json = '{"execution_plan": [{"step_number": 1, "step_name": "Kite", ' \
+        '"instruction": "A kite flies.", "prompt": "a red kite", "auxiliary_text": null}]}'
+    planner = scripted([plan_json])
+    critic = scripted(lambda _: '{"previous_step_success": true, "refine_prompt": null}')
+    options = small.with_changes(output_mode="structured")
+    result = await arun("kite", backends=backends(planner, critic), options=options,
+                        run_dir=run_dir, checkpointer=MEMORY)
+    assert result.document.steps[0].status == "accepted"
+    plan_format = planner.call_kwargs[0]["response_format"]
+    verdict_format = critic.call_kwargs[0]["response_format"]
+    assert plan_format["type"] == verdict_format["type"] == "json_schema"
+    assert "execution_plan" in plan_format["json_schema"]["schema"]["properties"]
+    assert "previous_step_success" in verdict_format["json_schema"]["schema"]["properties"]
+    assert "JSON object" in planner.calls[0][-1].content
+    # Tagged mode (the default) sends no response_format at all.
+    tagged_planner = scripted([plan_reply([step(1, "x")])])
+    await arun("x", backends=backends(tagged_planner, scripted(lambda _: verdict_reply(True))),
+               options=small, run_dir=run_dir, checkpointer=MEMORY)
+    assert "response_format" not in tagged_planner.call_kwargs[0]

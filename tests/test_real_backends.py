@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from interleave_thinker.cli import app
 from interleave_thinker.context import Backends
 from interleave_thinker.demo.models import DEMO_REQUEST, ensure_demo_models
-from interleave_thinker.demo.tiny_vlm import build_scripted_vlm
+from interleave_thinker.demo.tiny_vlm import build_scripted_vlm, build_tiny_qwen3_vl
 from interleave_thinker.models.profiles import in_process_backends
 from interleave_thinker.runner import arun
 from interleave_thinker.settings import ModelSettings
@@ -137,3 +137,30 @@ def test_demo_killed_with_sigkill_resumes_without_redrawing(demo_models: dict[st
         return [(s["number"], s["status"], s["image"]["sha256"]) for s in doc["steps"]]
 
     assert steps(tmp_path / "runs", "k") == steps(tmp_path / "clean", "clean")
+
+
+async def test_structured_mode_on_real_tiny_models(demo_models: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    plan = {"execution_plan": [
+        {"step_number": 1, "step_name": "Boat", "instruction": "A paper boat.",
+         "prompt": "a paper boat on a pond", "auxiliary_text": None},
+        {"step_number": 2, "step_name": "Rain", "instruction": "Rain falls.",
+         "prompt": "add rain", "auxiliary_text": None},
+    ]}
+    # Compact JSON in schema order: the only spelling the grammar allows, so the scripted
+    # planner's reply passes through it unchanged.
+    planner_dir = build_scripted_vlm(tmp_path / "json-planner",
+                                     json.dumps(plan, separators=(",", ":")))
+    critic_dir = tmp_path / "random-critic"
+    build_tiny_qwen3_vl(critic_dir)
+    settings = _tiny_settings(demo_models, planner=str(planner_dir), critic=str(critic_dir))
+    options = RunOptions(width=64, height=64).with_changes(output_mode="structured",
+                                                            max_attempts=2)
+    result = await arun("boat", backends=in_process_backends(settings), options=options,
+                        run_dir=tmp_path, checkpointer="memory://")
+    steps = result.document.steps
+    assert [s.name for s in steps] == ["Boat", "Rain"]
+    # A random critic under the verdict grammar still gives a verdict the graph can act on.
+    for step in steps:
+        assert step.status in ("accepted", "forced") and step.image is not None
+        assert all(a.critique is not None for a in step.attempts)

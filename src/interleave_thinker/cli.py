@@ -102,6 +102,13 @@ MaxReasksOption = Annotated[
     int | None,
     typer.Option("--max-reasks", help="Re-asks for unreadable planner/critic output (default 3)."),
 ]
+OutputModeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--output-mode",
+        help="tagged (<think>/<answer>, the released checkpoints) or structured (JSON schema).",
+    ),
+]
 SizeOption = Annotated[
     str | None, typer.Option("--size", help="Image size as WIDTHxHEIGHT (default 1024x1024).")
 ]
@@ -143,8 +150,10 @@ def _option_changes(
     max_steps: int | None = None,
     max_reasks: int | None = None,
     accept_final: bool | None = None,
+    output_mode: str | None = None,
 ) -> dict[str, Any]:
     changes: dict[str, Any] = {
+        "output_mode": output_mode,
         "max_steps": max_steps,
         "max_reasks": max_reasks,
         "max_attempts": max_attempts,
@@ -258,6 +267,7 @@ def run(
     size: SizeOption = None,
     max_steps: MaxStepsOption = None,
     max_reasks: MaxReasksOption = None,
+    output_mode: OutputModeOption = None,
     accept_final_without_critic: Annotated[
         bool,
         typer.Option(
@@ -278,6 +288,7 @@ def run(
             max_steps=max_steps,
             max_reasks=max_reasks,
             accept_final=accept_final_without_critic or None,
+            output_mode=output_mode,
         )
     )
     result = asyncio.run(
@@ -317,6 +328,7 @@ def resume(
     size: SizeOption = None,
     max_steps: MaxStepsOption = None,
     max_reasks: MaxReasksOption = None,
+    output_mode: OutputModeOption = None,
 ) -> None:
     """Continue a thread from its last checkpoint (settings given must match the thread's)."""
     _quiet_libraries()
@@ -328,6 +340,7 @@ def resume(
         size=size,
         max_steps=max_steps,
         max_reasks=max_reasks,
+        output_mode=output_mode,
     )
     result = asyncio.run(
         aresume(
@@ -398,6 +411,7 @@ def batch(
     seed: SeedOption = None,
     selection: SelectionOption = None,
     size: SizeOption = None,
+    output_mode: OutputModeOption = None,
 ) -> None:
     """Run every prompt of a file as its own thread; rerunning resumes and skips finished ones."""
     from interleave_thinker.batch import arun_batch, parse_shard
@@ -406,7 +420,7 @@ def batch(
     options = RunOptions().with_changes(
         **_option_changes(
             max_attempts=max_attempts, max_calls=max_calls, seed=seed, selection=selection,
-            size=size,
+            size=size, output_mode=output_mode,
         )
     )
     with _BatchProgress() as progress:

@@ -177,6 +177,7 @@ class StepProgress(_Record):
 
 
 SelectionPolicy = Literal["last", "best"]
+OutputMode = Literal["tagged", "structured"]
 
 
 class Budget(_Record):
@@ -201,6 +202,9 @@ class RunOptions(_Record):
     max_steps: int = Field(default=12, ge=1, le=100)
     # Unreadable planner or critic output is re-asked at most this many times.
     max_reasks: int = Field(default=3, ge=0, le=100)
+    # tagged: <think>/<answer> replies as the released checkpoints print them; structured: the
+    # server or model is asked for JSON matching a schema (constrained decoding).
+    output_mode: OutputMode = "tagged"
 
     def with_changes(self, **changes: object) -> RunOptions:
         """A validated copy with the given fields changed; budget fields may be named directly."""

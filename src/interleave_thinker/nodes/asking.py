@@ -3,21 +3,53 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.runnables import RunnableConfig
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.runnables import Runnable, RunnableConfig
+from pydantic import BaseModel
 
 from interleave_thinker.errors import ModelOutputError
 from interleave_thinker.prompts.parsing import OutputParseError
 from interleave_thinker.prompts.templates import reask_message
+from interleave_thinker.state import OutputMode
 
 T = TypeVar("T")
 
+ChatRunnable = Runnable[LanguageModelInput, Any]
+
+STRUCTURED_REPLY_NOTE = (
+    "Reply with the JSON object of your answer alone: no <think> or <answer> tags, no prose."
+)
+
+
+def for_output_mode(
+    model: ChatRunnable,
+    messages: Sequence[BaseMessage],
+    mode: OutputMode,
+    schema: type[BaseModel],
+    name: str,
+) -> tuple[ChatRunnable, list[BaseMessage]]:
+    """The model and messages to use: in structured mode, bound to a JSON schema.
+
+    ``response_format`` is the OpenAI convention, which vLLM, ChatOpenAI and our transformers
+    model all enforce by constrained decoding; the reply is then plain JSON, which the same
+    tolerant parser reads.
+    """
+    if mode == "tagged":
+        return model, list(messages)
+    bound = model.bind(
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema.model_json_schema()},
+        }
+    )
+    return bound, [*messages, HumanMessage(STRUCTURED_REPLY_NOTE)]
+
 
 async def ask_until_parsed(
-    model: BaseChatModel,
+    model: ChatRunnable,
     messages: Sequence[BaseMessage],
     parse: Callable[[str], T],
     *,

@@ -11,10 +11,11 @@ from langgraph.runtime import Runtime
 from interleave_thinker.checkpoints.image_store import blank_canvas
 from interleave_thinker.context import Context
 from interleave_thinker.models.messages import image_block
-from interleave_thinker.nodes.asking import ask_until_parsed
+from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
 from interleave_thinker.nodes.common import emit, position, thread_of
 from interleave_thinker.nodes.scheduling import finish_out_of_budget, source_images
 from interleave_thinker.prompts.parsing import parse_verdict
+from interleave_thinker.prompts.schemas import VerdictAnswer
 from interleave_thinker.prompts.templates import critic_messages
 from interleave_thinker.state import Attempt, Critique, StepProgress, TrajectoryState
 
@@ -82,8 +83,15 @@ async def _ask_critic(
         previous_image=image_block(store, previous),
         candidate_image=image_block(store, attempt.image),
     )
-    critique, _ = await ask_until_parsed(
+    model, messages = for_output_mode(
         runtime.context.backends.critic,
+        messages,
+        state["settings"].options.output_mode,
+        VerdictAnswer,
+        "verdict",
+    )
+    critique, _ = await ask_until_parsed(
+        model,
         messages,
         parse_verdict,
         what="verdict",

@@ -8,9 +8,10 @@ from langgraph.runtime import Runtime
 
 from interleave_thinker.context import Context
 from interleave_thinker.models.messages import image_block
-from interleave_thinker.nodes.asking import ask_until_parsed
+from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
 from interleave_thinker.nodes.common import emit, thread_of
 from interleave_thinker.prompts.parsing import parse_plan
+from interleave_thinker.prompts.schemas import PlanAnswer
 from interleave_thinker.prompts.templates import planner_messages
 from interleave_thinker.state import StepProgress, TrajectoryState
 
@@ -22,8 +23,11 @@ async def plan_trajectory(state: TrajectoryState, runtime: Runtime[Context]) -> 
     messages = planner_messages(
         request, [image_block(store, ref) for ref in request.images], max_steps=options.max_steps
     )
+    model, messages = for_output_mode(
+        runtime.context.backends.planner, messages, options.output_mode, PlanAnswer, "plan"
+    )
     plan, _ = await ask_until_parsed(
-        runtime.context.backends.planner,
+        model,
         messages,
         lambda text: parse_plan(text, input_images=len(request.images), max_steps=options.max_steps),
         what="plan",
