@@ -75,6 +75,17 @@ CriticOption = Annotated[str | None, typer.Option("--critic", help="Critic model
 GeneratorOption = Annotated[
     str | None, typer.Option("--generator", help="Diffusers model: folder or hub id.")
 ]
+PlannerUrlOption = Annotated[
+    str | None,
+    typer.Option("--planner-url", help="OpenAI-compatible server for the planner (e.g. vLLM .../v1)."),
+]
+CriticUrlOption = Annotated[
+    str | None, typer.Option("--critic-url", help="OpenAI-compatible server for the critic.")
+]
+GeneratorUrlOption = Annotated[
+    str | None,
+    typer.Option("--generator-url", help="OpenAI-compatible Images API (e.g. vllm-omni .../v1)."),
+]
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
 ConfigOption = Annotated[
     Path | None,
@@ -258,6 +269,9 @@ def run(
     planner: PlannerOption = None,
     critic: CriticOption = None,
     generator: GeneratorOption = None,
+    planner_url: PlannerUrlOption = None,
+    critic_url: CriticUrlOption = None,
+    generator_url: GeneratorUrlOption = None,
     device: DeviceOption = None,
     config: ConfigOption = None,
     max_attempts: MaxAttemptsOption = None,
@@ -297,7 +311,14 @@ def run(
             images=image or [],
             profile=profile,
             model_settings=load_model_settings(
-                config, planner=planner, critic=critic, generator=generator, device=device
+                config,
+                planner=planner,
+                critic=critic,
+                generator=generator,
+                planner_url=planner_url,
+                critic_url=critic_url,
+                generator_url=generator_url,
+                device=device,
             ),
             options=options,
             thread_id=thread,
@@ -319,6 +340,9 @@ def resume(
     planner: PlannerOption = None,
     critic: CriticOption = None,
     generator: GeneratorOption = None,
+    planner_url: PlannerUrlOption = None,
+    critic_url: CriticUrlOption = None,
+    generator_url: GeneratorUrlOption = None,
     device: DeviceOption = None,
     config: ConfigOption = None,
     max_attempts: MaxAttemptsOption = None,
@@ -347,7 +371,14 @@ def resume(
             thread,
             profile=profile,
             model_settings=load_model_settings(
-                config, planner=planner, critic=critic, generator=generator, device=device
+                config,
+                planner=planner,
+                critic=critic,
+                generator=generator,
+                planner_url=planner_url,
+                critic_url=critic_url,
+                generator_url=generator_url,
+                device=device,
             ),
             changes=changes,
             run_dir=run_dir,
@@ -404,6 +435,9 @@ def batch(
     planner: PlannerOption = None,
     critic: CriticOption = None,
     generator: GeneratorOption = None,
+    planner_url: PlannerUrlOption = None,
+    critic_url: CriticUrlOption = None,
+    generator_url: GeneratorUrlOption = None,
     device: DeviceOption = None,
     config: ConfigOption = None,
     max_attempts: MaxAttemptsOption = None,
@@ -429,7 +463,14 @@ def batch(
                 prompts,
                 profile=profile,
                 model_settings=load_model_settings(
-                    config, planner=planner, critic=critic, generator=generator, device=device
+                    config,
+                    planner=planner,
+                    critic=critic,
+                    generator=generator,
+                    planner_url=planner_url,
+                    critic_url=critic_url,
+                    generator_url=generator_url,
+                    device=device,
                 ),
                 options=options,
                 concurrency=concurrency,

@@ -32,4 +32,7 @@ class Context:
 def model_identity(model: BaseChatModel) -> str:
     """A stable name for a chat model: its type and, when it has one, its model name."""
     name = getattr(model, "model_name", None) or getattr(model, "model", None)
-    return f"{model._llm_type}:{name}" if isinstance(name, str) and name else model._llm_type
+    identity = f"{model._llm_type}:{name}" if isinstance(name, str) and name else model._llm_type
+    # The same model name on two servers may be two different models.
+    base_url = getattr(model, "openai_api_base", None)
+    return f"{identity}@{base_url}" if isinstance(base_url, str) and base_url else identity

@@ -27,7 +27,24 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,
     TimeoutError,
 )
-MODEL_RETRY = RetryPolicy(max_attempts=4, initial_interval=1.0, retry_on=TRANSIENT_ERRORS)
+# The openai SDK's own errors for the same conditions, named so the SDK stays optional.
+_TRANSIENT_OPENAI_ERRORS = {
+    "APIConnectionError",
+    "APITimeoutError",
+    "RateLimitError",
+    "InternalServerError",
+}
+
+
+def is_transient(error: Exception) -> bool:
+    """Whether a failed node deserves another try after a backoff."""
+    if isinstance(error, TRANSIENT_ERRORS):
+        return True
+    kind = type(error)
+    return kind.__module__.startswith("openai") and kind.__name__ in _TRANSIENT_OPENAI_ERRORS
+
+
+MODEL_RETRY = RetryPolicy(max_attempts=4, initial_interval=1.0, retry_on=is_transient)
 
 
 def _next_after_planning_or_critique(state: TrajectoryState) -> Literal["generator", "compose"]:

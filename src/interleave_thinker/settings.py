@@ -33,6 +33,14 @@ class ModelSettings(BaseSettings):
     planner: str = Field(default=DEFAULT_PLANNER, description="Planner: local folder or hub id.")
     critic: str = Field(default=DEFAULT_CRITIC, description="Critic: local folder or hub id.")
     generator: str = Field(default=DEFAULT_GENERATOR, description="Diffusers folder or hub id.")
+    planner_url: str | None = Field(
+        default=None, description="OpenAI-compatible server (e.g. vLLM) for the planner: .../v1"
+    )
+    critic_url: str | None = Field(default=None, description="OpenAI-compatible server for the critic.")
+    generator_url: str | None = Field(
+        default=None, description="OpenAI-compatible Images API (e.g. vllm-omni) for the generator."
+    )
+    request_timeout: float = Field(default=300.0, gt=0, description="Seconds per served request.")
     generator_pipeline: str | None = Field(
         default=None, description="Diffusers pipeline class, when model_index.json is not enough."
     )

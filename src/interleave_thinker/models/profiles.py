@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
+
+from langchain_core.language_models import BaseChatModel
 
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.settings import ModelSettings
+from interleave_thinker.tools.base import ImageGenerator
 
 ProfileFactory = Callable[[ModelSettings], Backends]
 
@@ -46,35 +51,73 @@ def _missing_extra(extra: str, exc: ImportError) -> ConfigurationError:
     )
 
 
-def in_process_backends(settings: ModelSettings) -> Backends:
-    """Planner and critic in transformers, generator in diffusers, all in this process."""
+# "provider:model" strings that init_chat_model understands, e.g. openai:gpt-5.
+_PROVIDER_MODEL = re.compile(r"^[a-z][a-z0-9_-]*:[^/\\]")
+
+
+def _is_provider_string(name: str) -> bool:
+    return bool(_PROVIDER_MODEL.match(name)) and not Path(name).exists()
+
+
+def _chat_model(name: str, url: str | None, settings: ModelSettings) -> BaseChatModel:
+    """A served model when a URL or provider is named, else one loaded in this process."""
+    if url or _is_provider_string(name):
+        try:
+            from interleave_thinker.models.served import served_chat_model
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise _missing_extra("openai", exc) from exc
+        return served_chat_model(
+            name,
+            base_url=url,
+            timeout=settings.request_timeout,
+            temperature=settings.temperature,
+            max_tokens=settings.max_new_tokens,
+        )
     try:
         from interleave_thinker.models.transformers_chat import TransformersChatModel
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise _missing_extra("transformers", exc) from exc
+    return TransformersChatModel(
+        model_name=name,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+    )
+
+
+def _generator(settings: ModelSettings) -> ImageGenerator:
+    if settings.generator_url or settings.generator.startswith("openai:"):
+        try:
+            from interleave_thinker.tools.openai_images import OpenAIImagesGenerator
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise _missing_extra("openai", exc) from exc
+        return OpenAIImagesGenerator(
+            model=settings.generator.removeprefix("openai:"),
+            base_url=settings.generator_url,
+            timeout=settings.request_timeout,
+        )
+    try:
         from interleave_thinker.tools.diffusers_backend import DiffusersGenerator
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise _missing_extra("diffusers,transformers", exc) from exc
+        raise _missing_extra("diffusers", exc) from exc
+    return DiffusersGenerator(
+        model=settings.generator,
+        pipeline=settings.generator_pipeline,
+        dtype=settings.dtype,
+        device=settings.device,
+        cpu_offload=settings.cpu_offload,
+        steps=settings.steps,
+        guidance=settings.guidance,
+    )
 
-    def chat(model_name: str) -> TransformersChatModel:
-        return TransformersChatModel(
-            model_name=model_name,
-            device=settings.device,
-            dtype=settings.dtype,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-        )
 
+def backends_from_settings(settings: ModelSettings) -> Backends:
+    """Each of planner, critic and generator in this process, or served when a URL is set."""
     return Backends(
-        planner=chat(settings.planner),
-        critic=chat(settings.critic),
-        generator=DiffusersGenerator(
-            model=settings.generator,
-            pipeline=settings.generator_pipeline,
-            dtype=settings.dtype,
-            device=settings.device,
-            cpu_offload=settings.cpu_offload,
-            steps=settings.steps,
-            guidance=settings.guidance,
-        ),
+        planner=_chat_model(settings.planner, settings.planner_url, settings),
+        critic=_chat_model(settings.critic, settings.critic_url, settings),
+        generator=_generator(settings),
     )
 
 
@@ -88,10 +131,10 @@ def _test_backends(_: ModelSettings) -> Backends:
 def _demo_backends(settings: ModelSettings) -> Backends:
     from interleave_thinker.demo.models import demo_model_settings
 
-    return in_process_backends(demo_model_settings(settings))
+    return backends_from_settings(demo_model_settings(settings))
 
 
-register_profile(DEFAULT_PROFILE, in_process_backends)
+register_profile(DEFAULT_PROFILE, backends_from_settings)
 register_profile(
     "test",
     _test_backends,

@@ -39,12 +39,18 @@ def for_output_mode(
     """
     if mode == "tagged":
         return model, list(messages)
-    bound = model.bind(
-        response_format={
-            "type": "json_schema",
-            "json_schema": {"name": name, "schema": schema.model_json_schema()},
-        }
-    )
+    if getattr(model, "_llm_type", "") == "openai-chat":
+        # OpenAI's strict mode wants every field required; vLLM accepts that form too.
+        from interleave_thinker.models.served import structured_binding
+
+        bound = structured_binding(model, schema, name)
+    else:
+        bound = model.bind(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema.model_json_schema()},
+            }
+        )
     return bound, [*messages, HumanMessage(STRUCTURED_REPLY_NOTE)]
 
 
