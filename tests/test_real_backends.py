@@ -18,7 +18,7 @@ from interleave_thinker.cli import app
 from interleave_thinker.context import Backends
 from interleave_thinker.demo.models import DEMO_REQUEST, ensure_demo_models
 from interleave_thinker.demo.tiny_vlm import build_scripted_vlm, build_tiny_qwen3_vl
-from interleave_thinker.models.profiles import in_process_backends
+from interleave_thinker.models.profiles import backends_from_settings
 from interleave_thinker.runner import arun
 from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import RunOptions
@@ -53,7 +53,7 @@ def _tiny_settings(demo_models: dict[str, Path], **changes: object) -> ModelSett
 
 
 async def test_graph_run_on_real_tiny_backends(demo_models: dict[str, Path], tmp_path: Path) -> None:
-    backends = in_process_backends(_tiny_settings(demo_models))
+    backends = backends_from_settings(_tiny_settings(demo_models))
     result = await arun(DEMO_REQUEST, backends=backends, options=RunOptions(width=64, height=64),
                         run_dir=tmp_path, checkpointer="memory://")
     steps = result.document.steps
@@ -69,7 +69,7 @@ async def test_real_critic_rejection_drives_redraws(demo_models: dict[str, Path]
                                                      tmp_path: Path) -> None:
     critic_dir = build_scripted_vlm(tmp_path / "rejecting-critic", REJECTING_CRITIC)
     settings = _tiny_settings(demo_models, critic=str(critic_dir))
-    backends: Backends = in_process_backends(settings)
+    backends: Backends = backends_from_settings(settings)
     options = RunOptions(width=64, height=64).with_changes(max_attempts=2)
     result = await arun(DEMO_REQUEST, backends=backends, options=options, run_dir=tmp_path,
                         checkpointer="memory://")
@@ -156,7 +156,7 @@ async def test_structured_mode_on_real_tiny_models(demo_models: dict[str, Path],
     settings = _tiny_settings(demo_models, planner=str(planner_dir), critic=str(critic_dir))
     options = RunOptions(width=64, height=64).with_changes(output_mode="structured",
                                                             max_attempts=2)
-    result = await arun("boat", backends=in_process_backends(settings), options=options,
+    result = await arun("boat", backends=backends_from_settings(settings), options=options,
                         run_dir=tmp_path, checkpointer="memory://")
     steps = result.document.steps
     assert [s.name for s in steps] == ["Boat", "Rain"]
