@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from langchain_core.language_models import BaseChatModel
@@ -82,3 +85,36 @@ def test_backends() -> Backends:
     return Backends(
         planner=TestPlannerModel(), critic=TestCriticModel(), generator=RecordingGenerator()
     )
+
+
+POSTGRES_URL_ENV = "INTERLEAVE_TEST_POSTGRES_URL"
+POSTGRES_SKIP_REASON = (
+    f"PostgreSQL tests need a server: set {POSTGRES_URL_ENV}=postgresql://USER@HOST:5432/DATABASE "
+    "(a database the user may create tables in) to run them"
+)
+
+
+def postgres_test_hosts() -> list[str]:
+    """The host of the test server's URL, for pytest-socket's allow_hosts marker."""
+    host = urlsplit(os.environ.get(POSTGRES_URL_ENV, "")).hostname
+    return [host or "127.0.0.1"]
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.allow_hosts(postgres_test_hosts())),
+    ]
+)
+def checkpointer_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh checkpointer URL of each kind; PostgreSQL ones share the server's database, so
+    tests that use it must pick unique thread ids."""
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/c.sqlite"
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.skip(POSTGRES_SKIP_REASON)
+    return url

@@ -57,7 +57,8 @@ CheckpointerOption = Annotated[
     typer.Option(
         "--checkpointer",
         envvar="INTERLEAVE_CHECKPOINTER",
-        help="Checkpointer URL: sqlite:///PATH (default: in the run directory) or memory://.",
+        help="Checkpointer URL: sqlite:///PATH (default: in the run directory), "
+        "postgresql://USER:PASSWORD@HOST/DB or memory://.",
     ),
 ]
 ProfileOption = Annotated[

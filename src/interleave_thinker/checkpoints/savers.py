@@ -41,7 +41,7 @@ def open_checkpointer(url: str) -> AbstractAsyncContextManager[BaseCheckpointSav
     if factory is None:
         raise ConfigurationError(
             f"checkpointer URL {url!r} has an unknown scheme {scheme!r}",
-            hint="use sqlite:///PATH or memory://; known schemes: "
+            hint="use sqlite:///PATH, memory:// or postgresql://USER@HOST/DATABASE; known schemes: "
             + ", ".join(sorted(_FACTORIES)),
         )
     return factory(url)
@@ -82,5 +82,14 @@ async def _open_sqlite(url: str) -> AsyncIterator[BaseCheckpointSaver]:
         yield saver
 
 
+def _open_postgres(url: str) -> AbstractAsyncContextManager[BaseCheckpointSaver]:
+    # Imported on use: psycopg is an optional extra, and postgres.py imports this module.
+    from interleave_thinker.checkpoints.postgres import open_postgres
+
+    return open_postgres(url)
+
+
 register_saver("memory", _open_memory)
 register_saver("sqlite", _open_sqlite)
+register_saver("postgresql", _open_postgres)
+register_saver("postgres", _open_postgres)
