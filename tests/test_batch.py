@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import RecordingGenerator
 from interleave_thinker.batch import arun_batch, in_shard, read_prompt_file, thread_id_for
+from interleave_thinker.checkpoints.savers import open_checkpointer
 from interleave_thinker.cli import app
 from interleave_thinker.context import Backends
 from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
@@ -22,8 +24,8 @@ from interleave_thinker.tools.coalescing import CoalescingGenerator
 SMALL = RunOptions(width=32, height=32)
 
 
-def _prompt_file(folder: Path, count: int = 6, extra: str = "") -> Path:
-    lines = [json.dumps({"id": f"p{n}", "text": f"Scene {n} opens. Scene {n} closes."})
+def _prompt_file(folder: Path, count: int = 6, extra: str = "", prefix: str = "p") -> Path:
+    lines = [json.dumps({"id": f"{prefix}{n}", "text": f"Scene {n} opens. Scene {n} closes."})
              for n in range(count)]
     path = folder / "prompts.jsonl"
     path.write_text("\n".join(lines) + "\n" + extra)
@@ -36,27 +38,35 @@ def _backends() -> tuple[Backends, RecordingGenerator]:
                     generator=generator), generator
 
 
-async def test_two_shards_cover_the_file_and_a_rerun_calls_nothing(tmp_path: Path) -> None:
-    prompts = _prompt_file(tmp_path)
+async def test_two_shards_cover_the_file_and_a_rerun_calls_nothing(
+    tmp_path: Path, checkpointer_url: str
+) -> None:
+    # Prompt ids are unique per test run: a PostgreSQL database outlives the test.
+    prefix = f"{uuid.uuid4().hex[:8]}-p"
+    prompts = _prompt_file(tmp_path, prefix=prefix)
     run_dir = tmp_path / "runs"
     ids: list[set[str]] = []
     for shard in [(0, 2), (1, 2)]:
         backends, _ = _backends()
         report = await arun_batch(prompts, backends=backends, options=SMALL, shard=shard,
-                                  concurrency=3, run_dir=run_dir)
+                                  concurrency=3, run_dir=run_dir, checkpointer=checkpointer_url)
         assert report.failed == 0 and report.manifest.is_file() and report.index.is_file()
         ids.append({outcome.prompt_id for outcome in report.outcomes})
-    assert ids[0] | ids[1] == {f"p{n}" for n in range(6)} and not ids[0] & ids[1]
+    assert ids[0] | ids[1] == {f"{prefix}{n}" for n in range(6)} and not ids[0] & ids[1]
 
-    threads = {summary.thread_id: summary.status for summary in await alist_threads(run_dir=run_dir)}
-    assert threads == {thread_id_for(f"p{n}"): "done" for n in range(6)}
+    listed = await alist_threads(run_dir=run_dir, checkpointer=checkpointer_url)
+    threads = {s.thread_id: s.status for s in listed if s.thread_id.startswith(f"batch-{prefix}")}
+    assert threads == {thread_id_for(f"{prefix}{n}"): "done" for n in range(6)}
 
     for shard in [(0, 2), (1, 2)]:
         backends, generator = _backends()
         again = await arun_batch(prompts, backends=backends, options=SMALL, shard=shard,
-                                 run_dir=run_dir)
+                                 run_dir=run_dir, checkpointer=checkpointer_url)
         assert generator.jobs == [] and again.backend_calls == 0
         assert all(outcome.status == "done" for outcome in again.outcomes)
+    async with open_checkpointer(checkpointer_url) as saver:
+        for thread in threads:
+            await saver.adelete_thread(thread)
 
 
 async def test_bad_lines_are_named_and_the_other_prompts_run(tmp_path: Path) -> None:
