@@ -17,6 +17,15 @@ from rich.console import Console
 from rich.table import Table
 
 from interleave_thinker.errors import ConfigurationError, InterleaveError
+from interleave_thinker.events import (
+    DocumentReady,
+    ImageReady,
+    PlanReady,
+    ProgressEvent,
+    StepStarted,
+    ThreadStarted,
+    Verdict,
+)
 from interleave_thinker.models.profiles import PROFILE_NOTES
 from interleave_thinker.render import export_document
 from interleave_thinker.runner import (
@@ -200,37 +209,37 @@ def _parse_size(size: str) -> tuple[int, int]:
 
 
 class _Progress:
-    """Prints the graph's progress events on stderr: step k of n, attempt, verdict."""
+    """Prints the graph's typed progress events on stderr: step k of n, attempt, verdict."""
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        where = f"step {event.get('index')} of {event.get('total')}, attempt {event.get('attempt')}"
-        if kind == "thread":
-            verb = "resuming" if event["resumed"] else "thread"
-            err.print(f"{verb} {event['thread_id']}")
-        elif kind == "plan":
-            steps = event["steps"]
-            err.print(f"planned {len(steps)} steps")
-            for step in steps:
-                label = "text only" if step.get("prompt") is None else "image"
-                err.print(f"  {step['number']}. {step['name']} ({label})")
-        elif kind == "generating":
-            err.print(f"{where}: drawing")
-        elif kind == "image" and event.get("reused"):
-            err.print(f"{where}: image already drawn before the restart, reused")
-        elif kind == "verdict":
-            err.print(f"{where}: {_verdict_words(event)}")
-        elif kind == "document":
-            err.print("document composed")
+    def __call__(self, event: ProgressEvent) -> None:
+        match event:
+            case ThreadStarted(thread_id=thread_id, resumed=resumed):
+                err.print(f"{'resuming' if resumed else 'thread'} {thread_id}")
+            case PlanReady(steps=steps):
+                err.print(f"planned {len(steps)} steps")
+                for step in steps:
+                    label = "text only" if step.get("prompt") is None else "image"
+                    err.print(f"  {step['number']}. {step['name']} ({label})")
+            case StepStarted():
+                err.print(f"{_where(event)}: drawing")
+            case ImageReady(reused=True):
+                err.print(f"{_where(event)}: image already drawn before the restart, reused")
+            case Verdict():
+                err.print(f"{_where(event)}: {_verdict_words(event)}")
+            case DocumentReady():
+                err.print("document composed")
 
 
-def _verdict_words(event: dict[str, Any]) -> str:
-    status, success = event.get("status"), event.get("success")
-    if success is None:
+def _where(event: StepStarted | ImageReady | Verdict) -> str:
+    return f"step {event.index} of {event.total}, attempt {event.attempt}"
+
+
+def _verdict_words(event: Verdict) -> str:
+    if event.success is None:
         return "final attempt kept without asking the critic (forced)"
-    if success:
+    if event.success:
         return "accepted by the critic"
-    if status == "forced":
+    if event.status == "forced":
         return "rejected; out of attempts, step committed as forced"
     return "rejected by the critic; redrawing with its refined prompt"
 

@@ -26,6 +26,7 @@ from interleave_thinker.errors import (
     SettingsMismatchError,
     UnknownThreadError,
 )
+from interleave_thinker.events import ProgressEvent, ThreadStarted, parse_event
 from interleave_thinker.graph import build_graph
 from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
 from interleave_thinker.render.html import render_html
@@ -45,7 +46,7 @@ DEFAULT_RUN_DIR = "interleave-runs"
 CUSTOM_PROFILE = "custom"
 THREAD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-EventHandler = Callable[[dict[str, Any]], None]
+EventHandler = Callable[[ProgressEvent], None]
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,9 @@ async def _drive(
         durability="sync",
         stream_mode="custom",
     ):
-        if on_event is not None:
-            on_event(event)
+        typed = parse_event(event)
+        if on_event is not None and typed is not None:
+            on_event(typed)
     snapshot = await graph.aget_state(_thread_config(thread_id))
     document = snapshot.values.get("document")
     if document is None:
@@ -209,7 +211,7 @@ async def arun(
     request = Request(text=text, images=tuple(store_input_images(workspace.image_store, images)))
     context = workspace.context(backends)
     if on_event is not None:
-        on_event({"event": "thread", "thread_id": thread_id, "resumed": False})
+        on_event(ThreadStarted(thread_id=thread_id, resumed=False))
     async with workspace.graph() as graph:
         document = await run_thread(graph, thread_id, request, settings, context, on_event)
     return RunResult(thread_id, document, write_html(workspace, thread_id, document))
@@ -277,7 +279,7 @@ async def aresume(
         settings = make_settings(profile_name, backends, chosen)
         _refuse_other_settings(thread_id, stored, settings, stored["request"])
         if on_event is not None:
-            on_event({"event": "thread", "thread_id": thread_id, "resumed": True})
+            on_event(ThreadStarted(thread_id=thread_id, resumed=True))
         document = stored.get("document")
         if document is None:
             document = await _drive(

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from langgraph.runtime import Runtime
+from pydantic import BaseModel
 
-from interleave_thinker.state import Plan
+from interleave_thinker.events import StepCommitted
+from interleave_thinker.state import Plan, StepProgress
 
 
 def thread_of(runtime: Runtime[Any]) -> str:
@@ -14,9 +16,22 @@ def thread_of(runtime: Runtime[Any]) -> str:
     return (info.thread_id if info else None) or "(no thread)"
 
 
-def emit(runtime: Runtime[Any], event: str, **fields: Any) -> None:
-    """Send a progress event on the ``custom`` stream (shown by the CLI, free when nobody listens)."""
-    runtime.stream_writer({"event": event, **fields})
+def emit(runtime: Runtime[Any], event: BaseModel) -> None:
+    """Send a typed progress event on the ``custom`` stream (free when nobody listens)."""
+    runtime.stream_writer(event.model_dump(mode="json"))
+
+
+def emit_committed(runtime: Runtime[Any], plan: Plan, item: StepProgress) -> None:
+    """Announce that a step became final."""
+    image = item.final_image
+    emit(
+        runtime,
+        StepCommitted(
+            **position(plan, item.number),
+            status=item.status,
+            image=image.sha256 if image else None,
+        ),
+    )
 
 
 def position(plan: Plan, number: int) -> dict[str, int]:

@@ -7,7 +7,8 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from interleave_thinker.context import Context
-from interleave_thinker.nodes.common import emit
+from interleave_thinker.events import DocumentReady
+from interleave_thinker.nodes.common import emit, emit_committed
 from interleave_thinker.nodes.scheduling import finish_out_of_budget
 from interleave_thinker.state import Document, DocumentStep, TrajectoryState
 
@@ -39,5 +40,8 @@ async def compose_document(state: TrajectoryState, runtime: Runtime[Context]) ->
         profile=settings.profile,
         generator_calls=state.get("generator_calls", 0),
     )
-    emit(runtime, "document", steps=len(steps))
+    for before, after in zip(state["progress"], progress, strict=True):
+        if not before.finished:
+            emit_committed(runtime, plan, after)
+    emit(runtime, DocumentReady(steps=len(steps)))
     return {"progress": progress, "document": document}

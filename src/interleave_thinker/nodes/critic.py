@@ -10,9 +10,10 @@ from langgraph.runtime import Runtime
 
 from interleave_thinker.checkpoints.image_store import blank_canvas
 from interleave_thinker.context import Context
+from interleave_thinker.events import Verdict
 from interleave_thinker.models.messages import image_block
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
-from interleave_thinker.nodes.common import emit, position, thread_of
+from interleave_thinker.nodes.common import emit, emit_committed, position, thread_of
 from interleave_thinker.nodes.scheduling import finish_out_of_budget, source_images
 from interleave_thinker.prompts.parsing import parse_verdict
 from interleave_thinker.prompts.schemas import VerdictAnswer
@@ -54,12 +55,15 @@ async def judge_attempts(state: TrajectoryState, runtime: Runtime[Context]) -> d
         decided[item.number] = item
         emit(
             runtime,
-            "verdict",
-            **position(plan, item.number),
-            attempt=attempt.number,
-            success=None if critique is None else critique.success,
-            status=item.status,
+            Verdict(
+                **position(plan, item.number),
+                attempt=attempt.number,
+                success=None if critique is None else critique.success,
+                status=item.status,
+            ),
         )
+        if item.finished:
+            emit_committed(runtime, plan, item)
     return {"progress": tuple(decided.get(item.number, item) for item in state["progress"])}
 
 

@@ -12,6 +12,7 @@ from interleave_thinker.checkpoints.image_store import encode_png
 from interleave_thinker.checkpoints.ledger import generation_key
 from interleave_thinker.context import Context
 from interleave_thinker.errors import GeneratorError
+from interleave_thinker.events import ImageReady, StepStarted
 from interleave_thinker.nodes.common import emit, position, thread_of
 from interleave_thinker.nodes.scheduling import (
     calls_left,
@@ -60,7 +61,7 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
             attempt=attempt,
         )
         planned.append((step.number, job, key, sources))
-        emit(runtime, "generating", **position(plan, step.number), attempt=attempt, prompt=prompt)
+        emit(runtime, StepStarted(**position(plan, step.number), attempt=attempt, prompt=prompt))
 
     started = time.time()
     images: dict[str, ImageRef] = {}
@@ -110,11 +111,12 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
         updated[number] = item.model_copy(update={"attempts": (*item.attempts, attempt)})
         emit(
             runtime,
-            "image",
-            **position(plan, number),
-            attempt=job.attempt,
-            image=images[key].sha256,
-            reused=key in reused,
+            ImageReady(
+                **position(plan, number),
+                attempt=job.attempt,
+                image=images[key].sha256,
+                reused=key in reused,
+            ),
         )
     return {
         "progress": tuple(updated[item.number] for item in state["progress"]),

@@ -7,9 +7,10 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from interleave_thinker.context import Context
+from interleave_thinker.events import PlanReady
 from interleave_thinker.models.messages import image_block
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
-from interleave_thinker.nodes.common import emit, thread_of
+from interleave_thinker.nodes.common import emit, emit_committed, thread_of
 from interleave_thinker.prompts.parsing import parse_plan
 from interleave_thinker.prompts.schemas import PlanAnswer
 from interleave_thinker.prompts.templates import planner_messages
@@ -44,5 +45,8 @@ async def plan_trajectory(state: TrajectoryState, runtime: Runtime[Context]) -> 
         )
         for step in plan.steps
     )
-    emit(runtime, "plan", steps=[step.model_dump(mode="json") for step in plan.steps])
+    emit(runtime, PlanReady(steps=[step.model_dump(mode="json") for step in plan.steps]))
+    for item in progress:
+        if item.finished:
+            emit_committed(runtime, plan, item)
     return {"plan": plan, "progress": progress}
