@@ -21,7 +21,7 @@ from PIL import Image
 from interleave_thinker.checkpoints.image_store import ImageStore, encode_png
 from interleave_thinker.context import model_identity
 from interleave_thinker.errors import ConfigurationError
-from interleave_thinker.models.messages import image_block
+from interleave_thinker.models.messages import image_data_block
 from interleave_thinker.models.served import (
     MalformedResponseError,
     served_chat_model,
@@ -107,7 +107,7 @@ async def test_request_carries_model_images_schema_extra_body_key_and_timeout(
     model = model_for(server, timeout=12.5, max_tokens=256, extra_body=extra)
     store = ImageStore(tmp_path)
     ref = store.put(encode_png(Image.new("RGB", (8, 8), (200, 10, 10))))
-    block = image_block(store, ref)
+    block = image_data_block(store, ref)
 
     reply = await structured_binding(model, VerdictAnswer, "verdict").ainvoke(
         [

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from conftest import RecordingGenerator
 from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.context import Backends
-from interleave_thinker.models.messages import image_block
+from interleave_thinker.models.messages import image_data_block
 from interleave_thinker.prompts.parsing import parse_plan, parse_verdict
 from interleave_thinker.prompts.schemas import VerdictAnswer
 from interleave_thinker.prompts.templates import critic_messages, planner_messages
@@ -109,7 +109,7 @@ def test_tagged_planner_reply_with_an_input_image_parses(
 ) -> None:
     ref = store.put(_png("skyblue"), what="input image")
     request = Request(text="Continue: the boat sails into the rain.", images=(ref,))
-    messages = planner_messages(request, [image_block(store, ref)], max_steps=MAX_STEPS)
+    messages = planner_messages(request, [image_data_block(store, ref)], max_steps=MAX_STEPS)
 
     reply = chat.invoke(messages)
 
@@ -129,8 +129,8 @@ def test_tagged_critic_reply_with_two_images_parses(
         instruction="A paper boat on a pond.",
         planned_prompt="a paper boat on a still pond",
         used_prompt="a paper boat on a still pond",
-        previous_image=image_block(store, store.put(_png("white"))),
-        candidate_image=image_block(store, store.put(_png("navy"))),
+        previous_image=image_data_block(store, store.put(_png("white"))),
+        candidate_image=image_data_block(store, store.put(_png("navy"))),
     )
 
     reply = chat.invoke(messages)
@@ -154,8 +154,8 @@ def test_structured_verdict_is_cut_to_the_schema_by_the_server(
         instruction="Rain falls on the boat.",
         planned_prompt="rain falls on the pond",
         used_prompt="rain falls on the pond",
-        previous_image=image_block(store, store.put(_png("navy"))),
-        candidate_image=image_block(store, store.put(_png("gray"))),
+        previous_image=image_data_block(store, store.put(_png("navy"))),
+        candidate_image=image_data_block(store, store.put(_png("gray"))),
     )
 
     free = chat.invoke(messages).text

@@ -130,6 +130,10 @@ OutputModeOption = Annotated[
         help="tagged (<think>/<answer>, the released checkpoints) or structured (JSON schema).",
     ),
 ]
+TraceFileOption = Annotated[
+    Path | None,
+    typer.Option("--trace-file", help="Write the run tree as JSON lines (no LangSmith needed)."),
+]
 SizeOption = Annotated[
     str | None, typer.Option("--size", help="Image size as WIDTHxHEIGHT (default 1024x1024).")
 ]
@@ -255,6 +259,19 @@ def _quiet_libraries() -> None:
         logging_module.disable_progress_bar()
 
 
+def _callbacks(trace_file: Path | None) -> list[Any]:
+    """The tracers asked for: a JSON-lines file, and LangSmith when LANGSMITH_TRACING is on."""
+    from interleave_thinker.tracing import JsonLinesTracer, langsmith_tracer, tracing_enabled
+
+    handlers: list[Any] = []
+    if trace_file is not None:
+        handlers.append(JsonLinesTracer(trace_file))
+    if tracing_enabled():
+        # Ours strips image payloads; LangChain then adds no second LangSmith tracer.
+        handlers.append(langsmith_tracer())
+    return handlers
+
+
 def _finish(result: RunResult) -> None:
     note = PROFILE_NOTES.get(result.document.profile)
     if note:
@@ -292,6 +309,7 @@ def run(
     max_steps: MaxStepsOption = None,
     max_reasks: MaxReasksOption = None,
     output_mode: OutputModeOption = None,
+    trace_file: TraceFileOption = None,
     accept_final_without_critic: Annotated[
         bool,
         typer.Option(
@@ -335,6 +353,7 @@ def run(
             run_dir=run_dir,
             checkpointer=checkpointer,
             on_event=_Progress(),
+            callbacks=_callbacks(trace_file),
         )
     )
     _finish(result)
@@ -363,6 +382,7 @@ def resume(
     max_steps: MaxStepsOption = None,
     max_reasks: MaxReasksOption = None,
     output_mode: OutputModeOption = None,
+    trace_file: TraceFileOption = None,
 ) -> None:
     """Continue a thread from its last checkpoint (settings given must match the thread's)."""
     _quiet_libraries()
@@ -394,6 +414,7 @@ def resume(
             run_dir=run_dir,
             checkpointer=checkpointer,
             on_event=_Progress(),
+            callbacks=_callbacks(trace_file),
         )
     )
     _finish(result)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from langchain_core.callbacks import Callbacks
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import StateSnapshot
 
@@ -156,12 +157,13 @@ async def _drive(
     thread_id: str,
     context: Context,
     on_event: EventHandler | None,
+    callbacks: Callbacks = None,
 ) -> Document:
     # Sync durability: every step's checkpoint is on disk before the next step starts, so a
     # hard kill loses at most the node that was running.
     async for event in graph.astream(
         graph_input,
-        _thread_config(thread_id),
+        {**_thread_config(thread_id), "callbacks": callbacks},
         context=context,
         durability="sync",
         stream_mode="custom",
@@ -195,6 +197,7 @@ async def arun(
     run_dir: str | os.PathLike[str] | None = None,
     checkpointer: str | None = None,
     on_event: EventHandler | None = None,
+    callbacks: Callbacks = None,
 ) -> RunResult:
     """Run a request to its document with a profile (default: the real in-process models,
     configured by ``model_settings``) or your own ``backends``.
@@ -213,8 +216,22 @@ async def arun(
     if on_event is not None:
         on_event(ThreadStarted(thread_id=thread_id, resumed=False))
     async with workspace.graph() as graph:
-        document = await run_thread(graph, thread_id, request, settings, context, on_event)
+        document = await run_thread(
+            graph, thread_id, request, settings, context, on_event, callbacks
+        )
     return RunResult(thread_id, document, write_html(workspace, thread_id, document))
+
+
+def trajectory_input(request: Request, settings: RunSettings) -> TrajectoryState:
+    """The input that starts a fresh thread of the trajectory graph (e.g. used as a subgraph)."""
+    return {
+        "request": request,
+        "settings": settings,
+        "plan": None,
+        "progress": (),
+        "generator_calls": 0,
+        "document": None,
+    }
 
 
 async def run_thread(
@@ -224,6 +241,7 @@ async def run_thread(
     settings: RunSettings,
     context: Context,
     on_event: EventHandler | None = None,
+    callbacks: Callbacks = None,
 ) -> Document:
     """Start ``thread_id``, continue it if it exists with the same request and settings, or
     return its document at once if it has finished (no model or generator call)."""
@@ -235,15 +253,8 @@ async def run_thread(
         if document is not None:
             return document
     else:
-        graph_input = {
-            "request": request,
-            "settings": settings,
-            "plan": None,
-            "progress": (),
-            "generator_calls": 0,
-            "document": None,
-        }
-    return await _drive(graph, graph_input, thread_id, context, on_event)
+        graph_input = trajectory_input(request, settings)
+    return await _drive(graph, graph_input, thread_id, context, on_event, callbacks)
 
 
 async def aresume(
@@ -257,6 +268,7 @@ async def aresume(
     run_dir: str | os.PathLike[str] | None = None,
     checkpointer: str | None = None,
     on_event: EventHandler | None = None,
+    callbacks: Callbacks = None,
 ) -> RunResult:
     """Continue a thread from its last checkpoint; settings left out are the thread's own.
 
@@ -283,7 +295,7 @@ async def aresume(
         document = stored.get("document")
         if document is None:
             document = await _drive(
-                graph, None, thread_id, workspace.context(backends), on_event
+                graph, None, thread_id, workspace.context(backends), on_event, callbacks
             )
     return RunResult(thread_id, document, write_html(workspace, thread_id, document))
 

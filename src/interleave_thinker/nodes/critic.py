@@ -11,7 +11,7 @@ from langgraph.runtime import Runtime
 from interleave_thinker.checkpoints.image_store import blank_canvas
 from interleave_thinker.context import Context
 from interleave_thinker.events import Verdict
-from interleave_thinker.models.messages import image_block
+from interleave_thinker.models.messages import ImageInliningChatModel, image_block
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
 from interleave_thinker.nodes.common import emit, emit_committed, position, thread_of
 from interleave_thinker.nodes.scheduling import finish_out_of_budget, source_images
@@ -84,11 +84,11 @@ async def _ask_critic(
         instruction=step.instruction,
         planned_prompt=step.prompt or "",
         used_prompt=attempt.prompt,
-        previous_image=image_block(store, previous),
-        candidate_image=image_block(store, attempt.image),
+        previous_image=image_block(previous),
+        candidate_image=image_block(attempt.image),
     )
     model, messages = for_output_mode(
-        runtime.context.backends.critic,
+        ImageInliningChatModel(inner=runtime.context.backends.critic, store=store),
         messages,
         state["settings"].options.output_mode,
         VerdictAnswer,
@@ -104,7 +104,11 @@ async def _ask_critic(
         config={
             "run_name": "critic",
             "tags": ["critic"],
-            "metadata": {"step": step.number, "attempt": attempt.number},
+            "metadata": {
+                "thread_id": thread_of(runtime),
+                "step": step.number,
+                "attempt": attempt.number,
+            },
         },
     )
     return critique

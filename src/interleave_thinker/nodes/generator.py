@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from langchain_core.runnables import RunnableLambda
 from langgraph.runtime import Runtime
 from PIL import Image
 
@@ -75,24 +76,7 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
         else:
             to_draw.append((job, key, sources))
     if to_draw:
-        jobs = [
-            _with_sources(job, [context.image_store.open(ref) for ref in sources])
-            for job, _, sources in to_draw
-        ]
-        outputs = await context.backends.generator.agenerate(jobs)
-        if len(outputs) != len(jobs):
-            raise GeneratorError(
-                f"generator {context.backends.generator.identity} returned {len(outputs)} "
-                f"images for {len(jobs)} requests",
-                hint="the backend must return exactly one image per job, in order",
-            )
-        for (job, key, _), output in zip(to_draw, outputs, strict=True):
-            ref = context.image_store.put(
-                _encoded(output), what=f"generated image of step {job.step}"
-            )
-            # Recorded the moment it is stored: a crash from here on never pays for it again.
-            context.ledger.record(key, ref)
-            images[key] = ref
+        images.update(await _draw(context, thread_id, to_draw))
     seconds = (time.time() - started) / max(1, len(planned))
 
     updated = dict(progress)
@@ -122,6 +106,63 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
         "progress": tuple(updated[item.number] for item in state["progress"]),
         "generator_calls": calls_used + len(planned),
     }
+
+
+async def _draw(
+    context: Context, thread_id: str, to_draw: list[tuple[GenerationJob, str, list[ImageRef]]]
+) -> dict[str, ImageRef]:
+    """One backend call for the batch, traced as its own run with references only."""
+
+    async def draw_and_store(_: dict[str, Any]) -> list[dict[str, Any]]:
+        jobs = [
+            _with_sources(job, [context.image_store.open(ref) for ref in sources])
+            for job, _, sources in to_draw
+        ]
+        outputs = await context.backends.generator.agenerate(jobs)
+        if len(outputs) != len(jobs):
+            raise GeneratorError(
+                f"generator {context.backends.generator.identity} returned {len(outputs)} "
+                f"images for {len(jobs)} requests",
+                hint="the backend must return exactly one image per job, in order",
+            )
+        drawn = []
+        for (job, key, _), output in zip(to_draw, outputs, strict=True):
+            ref = context.image_store.put(
+                _encoded(output), what=f"generated image of step {job.step}"
+            )
+            # Recorded the moment it is stored: a crash from here on never pays for it again.
+            context.ledger.record(key, ref)
+            drawn.append({"key": key, "step": job.step, "attempt": job.attempt, "image": ref})
+        return drawn
+
+    # The traced input and output name images by hash: no pixels reach a trace.
+    summary = {
+        "generator": context.backends.generator.identity,
+        "jobs": [
+            {
+                "step": job.step,
+                "attempt": job.attempt,
+                "prompt": job.prompt,
+                "seed": job.seed,
+                "size": f"{job.width}x{job.height}",
+                "sources": [ref.sha256 for ref in sources],
+            }
+            for job, _, sources in to_draw
+        ],
+    }
+    drawn = await RunnableLambda(draw_and_store, name="generator_call").ainvoke(
+        summary,
+        config={
+            "run_name": "generator_call",
+            "tags": ["generator"],
+            "metadata": {
+                "thread_id": thread_id,
+                "steps": [job.step for job, _, _ in to_draw],
+                "attempts": [job.attempt for job, _, _ in to_draw],
+            },
+        },
+    )
+    return {item["key"]: item["image"] for item in drawn}
 
 
 def _with_sources(job: GenerationJob, images: list[Image.Image]) -> GenerationJob:

@@ -8,7 +8,7 @@ from langgraph.runtime import Runtime
 
 from interleave_thinker.context import Context
 from interleave_thinker.events import PlanReady
-from interleave_thinker.models.messages import image_block
+from interleave_thinker.models.messages import ImageInliningChatModel, image_block
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
 from interleave_thinker.nodes.common import emit, emit_committed, thread_of
 from interleave_thinker.prompts.parsing import parse_plan
@@ -22,10 +22,14 @@ async def plan_trajectory(state: TrajectoryState, runtime: Runtime[Context]) -> 
     options = state["settings"].options
     store = runtime.context.image_store
     messages = planner_messages(
-        request, [image_block(store, ref) for ref in request.images], max_steps=options.max_steps
+        request, [image_block(ref) for ref in request.images], max_steps=options.max_steps
     )
     model, messages = for_output_mode(
-        runtime.context.backends.planner, messages, options.output_mode, PlanAnswer, "plan"
+        ImageInliningChatModel(inner=runtime.context.backends.planner, store=store),
+        messages,
+        options.output_mode,
+        PlanAnswer,
+        "plan",
     )
     plan, _ = await ask_until_parsed(
         model,
@@ -34,7 +38,11 @@ async def plan_trajectory(state: TrajectoryState, runtime: Runtime[Context]) -> 
         what="plan",
         max_reasks=options.max_reasks,
         where=f"thread {thread_of(runtime)}, planning",
-        config={"run_name": "planner", "tags": ["planner"]},
+        config={
+            "run_name": "planner",
+            "tags": ["planner"],
+            "metadata": {"thread_id": thread_of(runtime)},
+        },
     )
     progress = tuple(
         StepProgress(
