@@ -7,6 +7,9 @@ import functools
 import importlib
 import json
 import os
+import shlex
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -16,7 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from interleave_thinker.errors import ConfigurationError, InterleaveError
+from interleave_thinker.errors import ConfigurationError, InterleaveError, PlanReviewRequired
 from interleave_thinker.events import (
     DocumentReady,
     ImageReady,
@@ -310,6 +313,13 @@ def run(
     max_reasks: MaxReasksOption = None,
     output_mode: OutputModeOption = None,
     trace_file: TraceFileOption = None,
+    review_plan: Annotated[
+        bool,
+        typer.Option(
+            "--review-plan",
+            help="Pause after planning: edit the plan (in $EDITOR, or a file) before drawing.",
+        ),
+    ] = False,
     accept_final_without_critic: Annotated[
         bool,
         typer.Option(
@@ -332,31 +342,77 @@ def run(
             accept_final=accept_final_without_critic or None,
             output_mode=output_mode,
         )
-    )
-    result = asyncio.run(
-        arun(
-            text,
-            images=image or [],
-            profile=profile,
-            model_settings=load_model_settings(
-                config,
-                planner=planner,
-                critic=critic,
-                generator=generator,
-                planner_url=planner_url,
-                critic_url=critic_url,
-                generator_url=generator_url,
-                device=device,
-            ),
-            options=options,
-            thread_id=thread,
-            run_dir=run_dir,
-            checkpointer=checkpointer,
+    ).with_changes(review_plan=review_plan or None)
+    try:
+        result = asyncio.run(
+            arun(
+                text,
+                images=image or [],
+                profile=profile,
+                model_settings=load_model_settings(
+                    config,
+                    planner=planner,
+                    critic=critic,
+                    generator=generator,
+                    planner_url=planner_url,
+                    critic_url=critic_url,
+                    generator_url=generator_url,
+                    device=device,
+                ),
+                options=options,
+                thread_id=thread,
+                run_dir=run_dir,
+                checkpointer=checkpointer,
+                on_event=_Progress(),
+                callbacks=_callbacks(trace_file),
+            )
+        )
+    except PlanReviewRequired as paused:
+        result = _review_then_resume(paused, run_dir, checkpointer, trace_file)
+        if result is None:
+            return
+    _finish(result)
+
+
+def _review_then_resume(
+    paused: PlanReviewRequired, run_dir: Path | None, checkpointer: str | None,
+    trace_file: Path | None,
+) -> RunResult | None:
+    """Write the plan to a file; with an editor and a terminal, edit it and continue at once."""
+    workspace = Workspace.open(run_dir, checkpointer)
+    plan_file = workspace.document_path(paused.thread_id).with_name("plan.json")
+    plan_file.parent.mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(json.dumps(paused.plan, indent=2, ensure_ascii=False) + "\n")
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    if not (editor and sys.stdin.isatty()):
+        err.print(f"plan written to {plan_file}; edit it, then continue with")
+        err.print(f"  interleave resume {paused.thread_id} --plan {plan_file}")
+        err.print(f"or keep it as it is: interleave resume {paused.thread_id} --accept-plan")
+        out.print(str(plan_file))
+        return None
+    subprocess.run([*shlex.split(editor), str(plan_file)], check=True)
+    return asyncio.run(
+        aresume(
+            paused.thread_id,
+            review=_read_plan(plan_file),
+            run_dir=workspace.run_dir,
+            checkpointer=workspace.checkpointer_url,
             on_event=_Progress(),
             callbacks=_callbacks(trace_file),
         )
     )
-    _finish(result)
+
+
+def _read_plan(path: Path) -> dict[str, Any]:
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"cannot read the edited plan {path}: {exc}", hint="fix the JSON and resume again"
+        ) from exc
+    if not isinstance(plan, dict):
+        raise ConfigurationError(f"the edited plan {path} is not a JSON object")
+    return plan
 
 
 @app.command()
@@ -383,6 +439,12 @@ def resume(
     max_reasks: MaxReasksOption = None,
     output_mode: OutputModeOption = None,
     trace_file: TraceFileOption = None,
+    plan: Annotated[
+        Path | None, typer.Option("--plan", help="Edited plan (JSON) for a thread under review.")
+    ] = None,
+    accept_plan: Annotated[
+        bool, typer.Option("--accept-plan", help="Keep the plan of a thread under review.")
+    ] = False,
 ) -> None:
     """Continue a thread from its last checkpoint (settings given must match the thread's)."""
     _quiet_libraries()
@@ -411,6 +473,7 @@ def resume(
                 device=device,
             ),
             changes=changes,
+            review=_read_plan(plan) if plan else (True if accept_plan else None),
             run_dir=run_dir,
             checkpointer=checkpointer,
             on_event=_Progress(),

@@ -41,3 +41,16 @@ class GeneratorError(InterleaveError):
 
 class TransientGeneratorError(Exception):
     """The image generator failed in a way that a retry may fix (timeouts, overload)."""
+
+
+class PlanReviewRequired(InterleaveError):
+    """The run paused after planning for a person to review the plan (``review_plan``)."""
+
+    def __init__(self, thread_id: str, plan: dict) -> None:
+        super().__init__(
+            f"thread {thread_id} is waiting for its plan to be reviewed",
+            hint=f"edit the plan and continue with `interleave resume {thread_id} --plan FILE`, "
+            f"or accept it with `interleave resume {thread_id} --accept-plan`",
+        )
+        self.thread_id = thread_id
+        self.plan = plan

@@ -1,4 +1,4 @@
-"""Wiring of the trajectory graph: planner -> generator -> critic -> (generator | compose) -> END."""
+"""Wiring: planner -> [review_plan] -> generator -> critic -> (generator | compose) -> END."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from interleave_thinker.nodes.compose import compose_document
 from interleave_thinker.nodes.critic import judge_attempts
 from interleave_thinker.nodes.generator import generate_images
 from interleave_thinker.nodes.planner import plan_trajectory
+from interleave_thinker.nodes.review import review_plan
 from interleave_thinker.nodes.scheduling import calls_left, ready_steps
 from interleave_thinker.state import TrajectoryState
 
@@ -55,6 +56,14 @@ def _next_after_planning_or_critique(state: TrajectoryState) -> Literal["generat
     return "generator" if ready_steps(plan, state["progress"]) else "compose"
 
 
+def _next_after_planning(
+    state: TrajectoryState,
+) -> Literal["review_plan", "generator", "compose"]:
+    if state.get("plan") is not None and state["settings"].options.review_plan:
+        return "review_plan"
+    return _next_after_planning_or_critique(state)
+
+
 def build_graph(
     *, checkpointer: BaseCheckpointSaver | None = None
 ) -> CompiledStateGraph[TrajectoryState, Context]:
@@ -63,10 +72,14 @@ def build_graph(
     builder.add_node("planner", plan_trajectory, retry_policy=MODEL_RETRY)
     builder.add_node("generator", generate_images, retry_policy=MODEL_RETRY)
     builder.add_node("critic", judge_attempts, retry_policy=MODEL_RETRY)
+    builder.add_node("review_plan", review_plan)
     builder.add_node("compose", compose_document)
     builder.add_edge(START, "planner")
     builder.add_conditional_edges(
-        "planner", _next_after_planning_or_critique, ["generator", "compose"]
+        "planner", _next_after_planning, ["review_plan", "generator", "compose"]
+    )
+    builder.add_conditional_edges(
+        "review_plan", _next_after_planning_or_critique, ["generator", "compose"]
     )
     builder.add_edge("generator", "critic")
     builder.add_conditional_edges(

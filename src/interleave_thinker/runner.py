@@ -15,7 +15,7 @@ from typing import Any
 
 from langchain_core.callbacks import Callbacks
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import StateSnapshot
+from langgraph.types import Command, StateSnapshot
 
 from interleave_thinker.checkpoints.image_store import ImageStore, write_atomically
 from interleave_thinker.checkpoints.ledger import GenerationLedger
@@ -24,12 +24,14 @@ from interleave_thinker.context import Backends, Context, model_identity
 from interleave_thinker.errors import (
     ConfigurationError,
     ImageError,
+    PlanReviewRequired,
     SettingsMismatchError,
     UnknownThreadError,
 )
 from interleave_thinker.events import ProgressEvent, ThreadStarted, parse_event
 from interleave_thinker.graph import build_graph
 from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
+from interleave_thinker.nodes.review import check_edited_plan
 from interleave_thinker.render.html import render_html
 from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import (
@@ -153,7 +155,7 @@ def _refuse_other_settings(thread_id: str, stored: TrajectoryState, new: RunSett
 
 async def _drive(
     graph: CompiledStateGraph[TrajectoryState, Context],
-    graph_input: TrajectoryState | None,
+    graph_input: TrajectoryState | Command | None,
     thread_id: str,
     context: Context,
     on_event: EventHandler | None,
@@ -172,6 +174,9 @@ async def _drive(
         if on_event is not None and typed is not None:
             on_event(typed)
     snapshot = await graph.aget_state(_thread_config(thread_id))
+    for pending in snapshot.interrupts:
+        if isinstance(pending.value, dict) and pending.value.get("kind") == "review_plan":
+            raise PlanReviewRequired(thread_id, pending.value["plan"])
     document = snapshot.values.get("document")
     if document is None:
         raise RuntimeError(f"thread {thread_id} stopped before its document was composed")
@@ -265,12 +270,16 @@ async def aresume(
     model_settings: ModelSettings | None = None,
     options: RunOptions | None = None,
     changes: dict[str, Any] | None = None,
+    review: dict[str, Any] | bool | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     checkpointer: str | None = None,
     on_event: EventHandler | None = None,
     callbacks: Callbacks = None,
 ) -> RunResult:
     """Continue a thread from its last checkpoint; settings left out are the thread's own.
+
+    ``review`` answers a paused plan review: True keeps the plan, a dict in the planner's
+    ``execution_plan`` format replaces it.
 
     ``changes`` names single options (e.g. ``{"max_attempts": 5}``) to compare against the
     thread's; any that differ make the resume refuse, as a changed ``options`` or model does.
@@ -294,8 +303,13 @@ async def aresume(
             on_event(ThreadStarted(thread_id=thread_id, resumed=True))
         document = stored.get("document")
         if document is None:
+            if isinstance(review, dict):
+                # Checked before resuming: a refused edit must leave the thread waiting, with
+                # no resume value recorded against it.
+                check_edited_plan(review, stored["request"], settings.options)
+            resume_with = Command(resume=review) if review is not None else None
             document = await _drive(
-                graph, None, thread_id, workspace.context(backends), on_event, callbacks
+                graph, resume_with, thread_id, workspace.context(backends), on_event, callbacks
             )
     return RunResult(thread_id, document, write_html(workspace, thread_id, document))
 
@@ -354,6 +368,8 @@ def _status(snapshot: StateSnapshot) -> str:
     values = snapshot.values
     if values.get("document") is not None:
         return "done"
+    if snapshot.interrupts:
+        return "waiting for review"
     if any(task.error for task in snapshot.tasks):
         return "failed"
     return "unfinished"

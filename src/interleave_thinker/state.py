@@ -205,6 +205,8 @@ class RunOptions(_Record):
     # tagged: <think>/<answer> replies as the released checkpoints print them; structured: the
     # server or model is asked for JSON matching a schema (constrained decoding).
     output_mode: OutputMode = "tagged"
+    # Pause after planning so a person can read or edit the plan before anything is drawn.
+    review_plan: bool = False
 
     def with_changes(self, **changes: object) -> RunOptions:
         """A validated copy with the given fields changed; budget fields may be named directly."""
