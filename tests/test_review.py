@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import RecordingGenerator
 from interleave_thinker.cli import app
 from interleave_thinker.context import Backends
-from interleave_thinker.errors import ConfigurationError, PlanReviewRequired
+from interleave_thinker.errors import ConfigurationError, ReviewRequired
 from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
 from interleave_thinker.runner import alist_threads, aresume, arun
 from interleave_thinker.state import RunOptions
@@ -28,7 +28,7 @@ def _backends() -> tuple[Backends, RecordingGenerator]:
 
 async def test_run_pauses_before_drawing_and_continues_with_the_plan_kept(tmp_path: Path) -> None:
     backends, generator = _backends()
-    with pytest.raises(PlanReviewRequired) as paused:
+    with pytest.raises(ReviewRequired) as paused:
         await arun(REQUEST, backends=backends, options=REVIEWED, run_dir=tmp_path,
                    checkpointer="memory://review-keep", thread_id="keep")
     assert generator.jobs == []
@@ -46,7 +46,7 @@ async def test_edited_plan_replaces_the_planners_and_a_bad_edit_is_refused(
 ) -> None:
     backends, generator = _backends()
     url = "memory://review-edit"
-    with pytest.raises(PlanReviewRequired) as paused:
+    with pytest.raises(ReviewRequired) as paused:
         await arun(REQUEST, backends=backends, options=REVIEWED, run_dir=tmp_path,
                    checkpointer=url, thread_id="edit")
     plan = paused.value.plan
@@ -75,8 +75,10 @@ def test_cli_review_writes_the_plan_and_resumes_from_an_edited_file(
     assert first.exit_code == 0, first.stderr
     plan_file = Path(first.stdout.strip().splitlines()[-1])
     assert "interleave resume cli --plan" in first.stderr
+    # Resuming without an answer shows the pending review again and draws nothing.
     waiting = cli.invoke(app, ["resume", "cli"])
-    assert waiting.exit_code == 1 and "waiting for its plan to be reviewed" in waiting.stderr
+    assert waiting.exit_code == 0 and "interleave resume cli --plan" in waiting.stderr
+    assert "drawing" not in waiting.stderr
     plan = json.loads(plan_file.read_text())
     plan["execution_plan"] = plan["execution_plan"][:1]
     plan_file.write_text(json.dumps(plan))
@@ -85,3 +87,45 @@ def test_cli_review_writes_the_plan_and_resumes_from_an_edited_file(
     assert done.stdout.strip().endswith("document.html")
     report = json.loads(cli.invoke(app, ["show", "cli", "--json"]).stdout)
     assert [s["number"] for s in report["steps"]] == [1] and report["status"] == "done"
+
+
+async def test_forced_step_waits_for_a_person_to_choose_the_attempt(tmp_path: Path) -> None:
+    from conftest import scripted
+    from test_graph import plan_reply, step, verdict_reply
+
+    planner = scripted([plan_reply([step(1, "a kite"), step(2, "a kite in rain")])])
+    critic = scripted(lambda _: verdict_reply(False, "try harder", score=5))
+    generator = RecordingGenerator()
+    backends = Backends(planner=planner, critic=critic, generator=generator)
+    options = RunOptions(width=32, height=32, review_forced=True).with_changes(max_attempts=2)
+    url = "memory://review-forced"
+    with pytest.raises(ReviewRequired) as paused:
+        await arun("kite", backends=backends, options=options, run_dir=tmp_path,
+                   checkpointer=url, thread_id="forced")
+    assert paused.value.kind == "review_forced"
+    (waiting,) = paused.value.payload["steps"]
+    assert waiting["step"] == 1 and [a["attempt"] for a in waiting["attempts"]] == [1, 2]
+    assert waiting["policy_keeps"] == 2
+    # Step 2 edits step 1's image, so nothing more is drawn until a choice is made.
+    assert len(generator.jobs) == 2
+    for bad, message in [({"7": 1}, "not waiting"), ({"1": 3}, "attempts 1 to 2"),
+                         ("yes", "true or a mapping")]:
+        with pytest.raises(ConfigurationError, match=message):
+            await aresume("forced", backends=backends, review=bad, run_dir=tmp_path,
+                          checkpointer=url)
+    with pytest.raises(ReviewRequired) as again:
+        await aresume("forced", backends=backends, review={"1": 1}, run_dir=tmp_path,
+                      checkpointer=url)
+    assert again.value.payload["steps"][0]["step"] == 2
+    result = await aresume("forced", backends=backends, review=True, run_dir=tmp_path,
+                           checkpointer=url)
+    first, second = result.document.steps
+    assert first.status == second.status == "forced"
+    assert first.image == first.attempts[0].image  # the person's choice, not the policy's
+    assert second.image == second.attempts[1].image  # accepted: the policy's last attempt
+    # The second step edited the image the person chose for the first.
+    store_image = generator.jobs[2].source_images[0]
+    from interleave_thinker.checkpoints.image_store import ImageStore
+
+    kept = ImageStore(tmp_path / "images").open(first.image)
+    assert store_image.tobytes() == kept.convert("RGB").tobytes()

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from interleave_thinker.errors import ConfigurationError, InterleaveError, PlanReviewRequired
+from interleave_thinker.errors import ConfigurationError, InterleaveError, ReviewRequired
 from interleave_thinker.events import (
     DocumentReady,
     ImageReady,
@@ -248,6 +248,8 @@ def _verdict_words(event: Verdict) -> str:
         return "accepted by the critic"
     if event.status == "forced":
         return "rejected; out of attempts, step committed as forced"
+    if event.status == "review":
+        return "rejected; out of attempts, waiting for a person to choose the attempt to keep"
     return "rejected by the critic; redrawing with its refined prompt"
 
 
@@ -320,6 +322,13 @@ def run(
             help="Pause after planning: edit the plan (in $EDITOR, or a file) before drawing.",
         ),
     ] = False,
+    review_forced: Annotated[
+        bool,
+        typer.Option(
+            "--review-forced",
+            help="Pause before a step is committed as forced and choose the attempt to keep.",
+        ),
+    ] = False,
     accept_final_without_critic: Annotated[
         bool,
         typer.Option(
@@ -342,7 +351,7 @@ def run(
             accept_final=accept_final_without_critic or None,
             output_mode=output_mode,
         )
-    ).with_changes(review_plan=review_plan or None)
+    ).with_changes(review_plan=review_plan or None, review_forced=review_forced or None)
     try:
         result = asyncio.run(
             arun(
@@ -367,7 +376,7 @@ def run(
                 callbacks=_callbacks(trace_file),
             )
         )
-    except PlanReviewRequired as paused:
+    except ReviewRequired as paused:
         result = _review_then_resume(paused, run_dir, checkpointer, trace_file)
         if result is None:
             return
@@ -375,10 +384,24 @@ def run(
 
 
 def _review_then_resume(
-    paused: PlanReviewRequired, run_dir: Path | None, checkpointer: str | None,
+    paused: ReviewRequired, run_dir: Path | None, checkpointer: str | None,
     trace_file: Path | None,
 ) -> RunResult | None:
-    """Write the plan to a file; with an editor and a terminal, edit it and continue at once."""
+    """Write the plan to a file; with an editor and a terminal, edit it and continue at once.
+
+    A forced-step review is listed on stderr with the command that answers it.
+    """
+    if paused.kind == "review_forced":
+        for step in paused.payload["steps"]:
+            err.print(f"step {step['step']} ({step['name']}) was never accepted by the critic:")
+            for attempt in step["attempts"]:
+                err.print(f"  attempt {attempt['attempt']}: image {attempt['image'][:12]}, "
+                          f"prompt: {attempt['prompt']}")
+            err.print(f"  the selection policy would keep attempt {step['policy_keeps']}")
+        err.print(f"continue with: interleave resume {paused.thread_id} --keep STEP=ATTEMPT "
+                  "(or --accept-forced)")
+        out.print(paused.thread_id)
+        return None
     workspace = Workspace.open(run_dir, checkpointer)
     plan_file = workspace.document_path(paused.thread_id).with_name("plan.json")
     plan_file.parent.mkdir(parents=True, exist_ok=True)
@@ -401,6 +424,23 @@ def _review_then_resume(
             callbacks=_callbacks(trace_file),
         )
     )
+
+
+def _review_answer(
+    plan: Path | None, accept_plan: bool, keep: list[str] | None, accept_forced: bool
+) -> dict[str, Any] | bool | None:
+    """What `resume` answers a paused review with, from its flags."""
+    if plan is not None:
+        return _read_plan(plan)
+    if keep:
+        choices: dict[str, Any] = {}
+        for item in keep:
+            step, sep, attempt = item.partition("=")
+            if not sep:
+                raise ConfigurationError(f"--keep {item!r} is not STEP=ATTEMPT", hint="e.g. 2=1")
+            choices[step.strip()] = attempt.strip()
+        return choices
+    return True if accept_plan or accept_forced else None
 
 
 def _read_plan(path: Path) -> dict[str, Any]:
@@ -445,6 +485,14 @@ def resume(
     accept_plan: Annotated[
         bool, typer.Option("--accept-plan", help="Keep the plan of a thread under review.")
     ] = False,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option("--keep", help="STEP=ATTEMPT: the attempt a forced step keeps (repeat)."),
+    ] = None,
+    accept_forced: Annotated[
+        bool,
+        typer.Option("--accept-forced", help="Keep the selection policy's attempts."),
+    ] = False,
 ) -> None:
     """Continue a thread from its last checkpoint (settings given must match the thread's)."""
     _quiet_libraries()
@@ -458,28 +506,33 @@ def resume(
         max_reasks=max_reasks,
         output_mode=output_mode,
     )
-    result = asyncio.run(
-        aresume(
-            thread,
-            profile=profile,
-            model_settings=load_model_settings(
-                config,
-                planner=planner,
-                critic=critic,
-                generator=generator,
-                planner_url=planner_url,
-                critic_url=critic_url,
-                generator_url=generator_url,
-                device=device,
-            ),
-            changes=changes,
-            review=_read_plan(plan) if plan else (True if accept_plan else None),
-            run_dir=run_dir,
-            checkpointer=checkpointer,
-            on_event=_Progress(),
-            callbacks=_callbacks(trace_file),
+    try:
+        result = asyncio.run(
+            aresume(
+                thread,
+                profile=profile,
+                model_settings=load_model_settings(
+                    config,
+                    planner=planner,
+                    critic=critic,
+                    generator=generator,
+                    planner_url=planner_url,
+                    critic_url=critic_url,
+                    generator_url=generator_url,
+                    device=device,
+                ),
+                changes=changes,
+                review=_review_answer(plan, accept_plan, keep, accept_forced),
+                run_dir=run_dir,
+                checkpointer=checkpointer,
+                on_event=_Progress(),
+                callbacks=_callbacks(trace_file),
+            )
         )
-    )
+    except ReviewRequired as paused:
+        result = _review_then_resume(paused, run_dir, checkpointer, trace_file)
+        if result is None:
+            return
     _finish(result)
 
 

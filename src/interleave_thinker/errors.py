@@ -43,14 +43,30 @@ class TransientGeneratorError(Exception):
     """The image generator failed in a way that a retry may fix (timeouts, overload)."""
 
 
-class PlanReviewRequired(InterleaveError):
-    """The run paused after planning for a person to review the plan (``review_plan``)."""
+class ReviewRequired(InterleaveError):
+    """The run paused for a person: to review the plan, or to pick the attempt a forced step keeps.
 
-    def __init__(self, thread_id: str, plan: dict) -> None:
-        super().__init__(
-            f"thread {thread_id} is waiting for its plan to be reviewed",
-            hint=f"edit the plan and continue with `interleave resume {thread_id} --plan FILE`, "
-            f"or accept it with `interleave resume {thread_id} --accept-plan`",
-        )
+    ``kind`` is ``review_plan`` or ``review_forced``; ``payload`` is what to show the person.
+    """
+
+    def __init__(self, thread_id: str, kind: str, payload: dict) -> None:
+        if kind == "review_plan":
+            message = f"thread {thread_id} is waiting for its plan to be reviewed"
+            hint = (
+                f"edit the plan and continue with `interleave resume {thread_id} --plan FILE`, "
+                f"or accept it with `interleave resume {thread_id} --accept-plan`"
+            )
+        else:
+            message = f"thread {thread_id} is waiting for a choice of attempt for forced steps"
+            hint = (
+                f"`interleave show {thread_id}` lists the attempts; continue with "
+                f"`interleave resume {thread_id} --keep STEP=ATTEMPT` or --accept-forced"
+            )
+        super().__init__(message, hint=hint)
         self.thread_id = thread_id
-        self.plan = plan
+        self.kind = kind
+        self.payload = payload
+
+    @property
+    def plan(self) -> dict:
+        return self.payload["plan"]

@@ -1,4 +1,4 @@
-"""Wiring: planner -> [review_plan] -> generator -> critic -> (generator | compose) -> END."""
+"""Wiring: planner -> [review_plan] -> generator -> critic -> [review_forced] -> (generator | compose)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from interleave_thinker.nodes.compose import compose_document
 from interleave_thinker.nodes.critic import judge_attempts
 from interleave_thinker.nodes.generator import generate_images
 from interleave_thinker.nodes.planner import plan_trajectory
-from interleave_thinker.nodes.review import review_plan
+from interleave_thinker.nodes.review import review_forced, review_plan
 from interleave_thinker.nodes.scheduling import calls_left, ready_steps
 from interleave_thinker.state import TrajectoryState
 
@@ -56,6 +56,14 @@ def _next_after_planning_or_critique(state: TrajectoryState) -> Literal["generat
     return "generator" if ready_steps(plan, state["progress"]) else "compose"
 
 
+def _next_after_critique(
+    state: TrajectoryState,
+) -> Literal["review_forced", "generator", "compose"]:
+    if any(item.awaiting_review for item in state["progress"]):
+        return "review_forced"
+    return _next_after_planning_or_critique(state)
+
+
 def _next_after_planning(
     state: TrajectoryState,
 ) -> Literal["review_plan", "generator", "compose"]:
@@ -73,6 +81,7 @@ def build_graph(
     builder.add_node("generator", generate_images, retry_policy=MODEL_RETRY)
     builder.add_node("critic", judge_attempts, retry_policy=MODEL_RETRY)
     builder.add_node("review_plan", review_plan)
+    builder.add_node("review_forced", review_forced)
     builder.add_node("compose", compose_document)
     builder.add_edge(START, "planner")
     builder.add_conditional_edges(
@@ -83,7 +92,10 @@ def build_graph(
     )
     builder.add_edge("generator", "critic")
     builder.add_conditional_edges(
-        "critic", _next_after_planning_or_critique, ["generator", "compose"]
+        "critic", _next_after_critique, ["review_forced", "generator", "compose"]
+    )
+    builder.add_conditional_edges(
+        "review_forced", _next_after_planning_or_critique, ["generator", "compose"]
     )
     builder.add_edge("compose", END)
     return builder.compile(checkpointer=checkpointer, name=GRAPH_NAME)

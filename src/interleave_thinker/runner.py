@@ -24,14 +24,14 @@ from interleave_thinker.context import Backends, Context, model_identity
 from interleave_thinker.errors import (
     ConfigurationError,
     ImageError,
-    PlanReviewRequired,
+    ReviewRequired,
     SettingsMismatchError,
     UnknownThreadError,
 )
 from interleave_thinker.events import ProgressEvent, ThreadStarted, parse_event
 from interleave_thinker.graph import build_graph
 from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
-from interleave_thinker.nodes.review import check_edited_plan
+from interleave_thinker.nodes.review import REVIEW_KINDS, check_review_answer
 from interleave_thinker.render.html import render_html
 from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import (
@@ -175,8 +175,8 @@ async def _drive(
             on_event(typed)
     snapshot = await graph.aget_state(_thread_config(thread_id))
     for pending in snapshot.interrupts:
-        if isinstance(pending.value, dict) and pending.value.get("kind") == "review_plan":
-            raise PlanReviewRequired(thread_id, pending.value["plan"])
+        if isinstance(pending.value, dict) and pending.value.get("kind") in REVIEW_KINDS:
+            raise ReviewRequired(thread_id, pending.value["kind"], pending.value)
     document = snapshot.values.get("document")
     if document is None:
         raise RuntimeError(f"thread {thread_id} stopped before its document was composed")
@@ -303,10 +303,10 @@ async def aresume(
             on_event(ThreadStarted(thread_id=thread_id, resumed=True))
         document = stored.get("document")
         if document is None:
-            if isinstance(review, dict):
-                # Checked before resuming: a refused edit must leave the thread waiting, with
+            if review is not None:
+                # Checked before resuming: a refused answer must leave the thread waiting, with
                 # no resume value recorded against it.
-                check_edited_plan(review, stored["request"], settings.options)
+                check_review_answer(review, stored)
             resume_with = Command(resume=review) if review is not None else None
             document = await _drive(
                 graph, resume_with, thread_id, workspace.context(backends), on_event, callbacks

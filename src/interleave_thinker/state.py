@@ -160,6 +160,8 @@ class StepProgress(_Record):
     next_prompt: str | None = None
     # Index into ``attempts`` of the attempt whose image the step keeps.
     chosen: int | None = None
+    # Out of attempts and waiting for a person to pick the attempt to keep (review_forced).
+    awaiting_review: bool = False
 
     @property
     def finished(self) -> bool:
@@ -207,6 +209,8 @@ class RunOptions(_Record):
     output_mode: OutputMode = "tagged"
     # Pause after planning so a person can read or edit the plan before anything is drawn.
     review_plan: bool = False
+    # Pause before a step is committed as forced so a person picks the attempt to keep.
+    review_forced: bool = False
 
     def with_changes(self, **changes: object) -> RunOptions:
         """A validated copy with the given fields changed; budget fields may be named directly."""

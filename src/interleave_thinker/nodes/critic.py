@@ -48,7 +48,10 @@ async def judge_attempts(state: TrajectoryState, runtime: Runtime[Context]) -> d
                 update={"status": "accepted", "chosen": len(item.attempts) - 1, "next_prompt": None}
             )
         elif critique is None or attempt.number >= budget.max_attempts:
-            item = finish_out_of_budget(item, budget)
+            if state["settings"].options.review_forced:
+                item = item.model_copy(update={"awaiting_review": True, "next_prompt": None})
+            else:
+                item = finish_out_of_budget(item, budget)
         else:
             # Keep the last prompt when the critic rejects without proposing a better one.
             item = item.model_copy(update={"next_prompt": critique.refine_prompt or attempt.prompt})
@@ -59,7 +62,7 @@ async def judge_attempts(state: TrajectoryState, runtime: Runtime[Context]) -> d
                 **position(plan, item.number),
                 attempt=attempt.number,
                 success=None if critique is None else critique.success,
-                status=item.status,
+                status="review" if item.awaiting_review else item.status,
             ),
         )
         if item.finished:

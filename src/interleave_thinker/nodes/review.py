@@ -1,4 +1,4 @@
-"""Human review of the plan: the run pauses with LangGraph's interrupt() before any image is drawn."""
+"""Human review through interrupt(): the plan before drawing, forced steps before committing."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from interleave_thinker.context import Context
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.events import PlanReady
 from interleave_thinker.nodes.common import emit, emit_committed
+from interleave_thinker.nodes.scheduling import select_attempt
 from interleave_thinker.prompts.parsing import OutputParseError, parse_plan
 from interleave_thinker.state import Plan, Request, RunOptions, StepProgress, TrajectoryState
+
+REVIEW_KINDS = ("review_plan", "review_forced")
 
 
 def plan_for_review(plan: Plan) -> dict[str, Any]:
@@ -70,3 +73,91 @@ async def review_plan(state: TrajectoryState, runtime: Runtime[Context]) -> dict
         if item.finished:
             emit_committed(runtime, edited, item)
     return {"plan": edited, "progress": progress}
+
+
+def forced_for_review(state: TrajectoryState) -> dict[str, Any]:
+    """The steps waiting for a choice, each with its attempts and the policy's own pick."""
+    plan = state["plan"]
+    assert plan is not None
+    policy = state["settings"].options.budget.selection
+    steps = []
+    for item in state["progress"]:
+        if not item.awaiting_review:
+            continue
+        steps.append(
+            {
+                "step": item.number,
+                "name": plan.step(item.number).name,
+                "policy_keeps": item.attempts[select_attempt(item.attempts, policy)].number,
+                "attempts": [
+                    {
+                        "attempt": attempt.number,
+                        "prompt": attempt.prompt,
+                        "image": attempt.image.sha256,
+                        "critique": attempt.critique.model_dump(mode="json")
+                        if attempt.critique
+                        else None,
+                    }
+                    for attempt in item.attempts
+                ],
+            }
+        )
+    return {"kind": "review_forced", "steps": steps}
+
+
+def _chosen_attempts(answer: Any, state: TrajectoryState) -> dict[int, int]:
+    """Step number -> attempt number to keep, from True (the policy's picks) or a mapping."""
+    waiting = {item.number: item for item in state["progress"] if item.awaiting_review}
+    if answer is True:
+        return {}
+    if not isinstance(answer, dict):
+        raise ConfigurationError(
+            "the answer to a forced-step review must be true or a mapping step -> attempt",
+            hint="for example {\"2\": 1} keeps attempt 1 of step 2",
+        )
+    chosen: dict[int, int] = {}
+    for raw_step, raw_attempt in answer.items():
+        try:
+            step, attempt = int(raw_step), int(raw_attempt)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"{raw_step}={raw_attempt} is not STEP=ATTEMPT") from exc
+        if step not in waiting:
+            raise ConfigurationError(
+                f"step {step} is not waiting for review",
+                hint=f"waiting: {', '.join(map(str, sorted(waiting))) or 'none'}",
+            )
+        if not 1 <= attempt <= len(waiting[step].attempts):
+            raise ConfigurationError(
+                f"step {step} has attempts 1 to {len(waiting[step].attempts)}, not {attempt}"
+            )
+        chosen[step] = attempt
+    return chosen
+
+
+def check_review_answer(answer: Any, state: TrajectoryState) -> None:
+    """Refuse an answer that does not fit the review the thread is waiting for."""
+    if any(item.awaiting_review for item in state.get("progress", ())):
+        _chosen_attempts(answer, state)
+    elif isinstance(answer, dict):
+        check_edited_plan(answer, state["request"], state["settings"].options)
+
+
+async def review_forced(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:
+    plan = state["plan"]
+    assert plan is not None
+    policy = state["settings"].options.budget.selection
+    chosen = _chosen_attempts(interrupt(forced_for_review(state)), state)
+    progress = []
+    for item in state["progress"]:
+        if item.awaiting_review:
+            index = (
+                chosen[item.number] - 1
+                if item.number in chosen
+                else select_attempt(item.attempts, policy)
+            )
+            item = item.model_copy(
+                update={"status": "forced", "chosen": index, "awaiting_review": False}
+            )
+            emit_committed(runtime, plan, item)
+        progress.append(item)
+    return {"progress": tuple(progress)}

@@ -55,7 +55,7 @@ def ready_steps(plan: Plan, progress: Sequence[StepProgress]) -> list[Step]:
     ready = []
     for step in plan.steps:
         item = by_step[step.number]
-        if item.finished or item.awaiting_critique or step.action == "none":
+        if item.finished or item.awaiting_critique or item.awaiting_review or step.action == "none":
             continue
         sources_done = all(
             kind == "input" or by_step[number].final_image is not None
