@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import textwrap
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -376,17 +375,3 @@ def test_processes_setting_up_a_fresh_database_at_once_all_succeed(
         versions = [v for (v,) in conn.execute("SELECT v FROM checkpoint_migrations ORDER BY v")]
     assert versions == list(range(len(AsyncPostgresSaver.MIGRATIONS)))
 
-
-@pytest.mark.skipif(importlib.util.find_spec("langgraph.checkpoint.conformance") is None,
-                    reason="langgraph-checkpoint-conformance is not installed")
-async def test_langgraph_checkpointer_conformance(postgres_url: str) -> None:
-    from langgraph.checkpoint.conformance import checkpointer_test, validate
-
-    @checkpointer_test(name="interleave-postgres")
-    async def saver() -> AsyncIterator[object]:
-        async with open_checkpointer(postgres_url) as opened:
-            yield opened
-
-    report = await validate(saver)
-    report.print_report()
-    assert report.passed_all_base()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Sequence
 from typing import Any
@@ -98,6 +99,6 @@ class ImageInliningChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return await self.inner._agenerate(
-            inline_images(messages, self.store), stop=stop, run_manager=run_manager, **kwargs
-        )
+        # Reading image files must not block the event loop.
+        inlined = await asyncio.to_thread(inline_images, messages, self.store)
+        return await self.inner._agenerate(inlined, stop=stop, run_manager=run_manager, **kwargs)

@@ -79,8 +79,8 @@ async def _ask_critic(
     store = runtime.context.image_store
     sources = source_images(step, request, state["progress"])
     # Before the first image there is nothing to compare with: the critic sees a white canvas.
-    previous = sources[0] if sources else blank_canvas(
-        store, attempt.image.width, attempt.image.height
+    previous = sources[0] if sources else await asyncio.to_thread(
+        blank_canvas, store, attempt.image.width, attempt.image.height
     )
     messages = critic_messages(
         step_name=step.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -68,8 +69,11 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
     images: dict[str, ImageRef] = {}
     reused: set[str] = set()
     to_draw = []
-    for _, job, key, sources in planned:
-        recorded = context.ledger.lookup(key)
+    # File I/O goes to a worker thread: the event loop may be serving other runs.
+    recorded_images = await asyncio.to_thread(
+        lambda: [context.ledger.lookup(key) for _, _, key, _ in planned]
+    )
+    for (_, job, key, sources), recorded in zip(planned, recorded_images, strict=True):
         if recorded is not None:
             images[key] = recorded
             reused.add(key)
@@ -113,18 +117,13 @@ async def _draw(
 ) -> dict[str, ImageRef]:
     """One backend call for the batch, traced as its own run with references only."""
 
-    async def draw_and_store(_: dict[str, Any]) -> list[dict[str, Any]]:
-        jobs = [
+    def load_jobs() -> list[GenerationJob]:
+        return [
             _with_sources(job, [context.image_store.open(ref) for ref in sources])
             for job, _, sources in to_draw
         ]
-        outputs = await context.backends.generator.agenerate(jobs)
-        if len(outputs) != len(jobs):
-            raise GeneratorError(
-                f"generator {context.backends.generator.identity} returned {len(outputs)} "
-                f"images for {len(jobs)} requests",
-                hint="the backend must return exactly one image per job, in order",
-            )
+
+    def store(outputs: list[Image.Image | bytes]) -> list[dict[str, Any]]:
         drawn = []
         for (job, key, _), output in zip(to_draw, outputs, strict=True):
             ref = context.image_store.put(
@@ -134,6 +133,17 @@ async def _draw(
             context.ledger.record(key, ref)
             drawn.append({"key": key, "step": job.step, "attempt": job.attempt, "image": ref})
         return drawn
+
+    async def draw_and_store(_: dict[str, Any]) -> list[dict[str, Any]]:
+        jobs = await asyncio.to_thread(load_jobs)
+        outputs = await context.backends.generator.agenerate(jobs)
+        if len(outputs) != len(jobs):
+            raise GeneratorError(
+                f"generator {context.backends.generator.identity} returned {len(outputs)} "
+                f"images for {len(jobs)} requests",
+                hint="the backend must return exactly one image per job, in order",
+            )
+        return await asyncio.to_thread(store, outputs)
 
     # The traced input and output name images by hash: no pixels reach a trace.
     summary = {

@@ -59,18 +59,20 @@ class GenerateImageTool(BaseTool):
     ) -> tuple[str, ImageRef]:
         store: ImageStore = self.image_store
         generator: ImageGenerator = self.generator
-        sources = [store.find(sha) for sha in source_images or []]
+        sources = await asyncio.to_thread(lambda: [store.find(sha) for sha in source_images or []])
         job = GenerationJob(
             prompt=prompt,
             seed=seed,
             width=width,
             height=height,
-            source_images=tuple(store.open(ref) for ref in sources),
+            source_images=tuple(await asyncio.to_thread(lambda: [store.open(r) for r in sources])),
         )
         (output,) = await generator.agenerate([job]) or [None]
         if output is None:
             raise GeneratorError(f"generator {generator.identity} returned no image")
-        ref = store.put(output if isinstance(output, bytes) else encode_png(output))
+        ref = await asyncio.to_thread(
+            store.put, output if isinstance(output, bytes) else encode_png(output)
+        )
         verb = "Edited" if sources else "Drew"
         content = f"{verb} a {ref.width}x{ref.height} image, sha256 {ref.sha256}."
         return content, ref
