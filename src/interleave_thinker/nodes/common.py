@@ -7,7 +7,7 @@ from typing import Any
 from langgraph.runtime import Runtime
 from pydantic import BaseModel
 
-from interleave_thinker.events import StepCommitted
+from interleave_thinker.events import PlanReady, StepCommitted
 from interleave_thinker.state import Plan, StepProgress
 
 
@@ -38,3 +38,21 @@ def position(plan: Plan, number: int) -> dict[str, int]:
     """Event fields that place step ``number`` in the plan ("step 2 of 5")."""
     numbers = [step.number for step in plan.steps]
     return {"step": number, "index": numbers.index(number) + 1, "total": len(numbers)}
+
+
+def adopt_plan(runtime: Runtime[Any], plan: Plan) -> dict[str, Any]:
+    """The state update that starts ``plan``, announced on the progress stream."""
+    progress = tuple(
+        StepProgress(
+            number=step.number,
+            # A text-only step is finished as soon as it is planned: it draws nothing.
+            status="text" if step.action == "none" else "pending",
+            next_prompt=step.prompt,
+        )
+        for step in plan.steps
+    )
+    emit(runtime, PlanReady(steps=[step.model_dump(mode="json") for step in plan.steps]))
+    for item in progress:
+        if item.finished:
+            emit_committed(runtime, plan, item)
+    return {"plan": plan, "progress": progress}

@@ -7,14 +7,13 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from interleave_thinker.context import Context
-from interleave_thinker.events import PlanReady
 from interleave_thinker.models.messages import ImageInliningChatModel, image_block
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
-from interleave_thinker.nodes.common import emit, emit_committed, thread_of
+from interleave_thinker.nodes.common import adopt_plan, thread_of
 from interleave_thinker.prompts.parsing import parse_plan
 from interleave_thinker.prompts.schemas import PlanAnswer
 from interleave_thinker.prompts.templates import planner_messages
-from interleave_thinker.state import StepProgress, TrajectoryState
+from interleave_thinker.state import TrajectoryState
 
 
 async def plan_trajectory(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -44,17 +43,4 @@ async def plan_trajectory(state: TrajectoryState, runtime: Runtime[Context]) -> 
             "metadata": {"thread_id": thread_of(runtime)},
         },
     )
-    progress = tuple(
-        StepProgress(
-            number=step.number,
-            # A text-only step is finished as soon as it is planned: it draws nothing.
-            status="text" if step.action == "none" else "pending",
-            next_prompt=step.prompt,
-        )
-        for step in plan.steps
-    )
-    emit(runtime, PlanReady(steps=[step.model_dump(mode="json") for step in plan.steps]))
-    for item in progress:
-        if item.finished:
-            emit_committed(runtime, plan, item)
-    return {"plan": plan, "progress": progress}
+    return adopt_plan(runtime, plan)

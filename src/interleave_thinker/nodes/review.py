@@ -10,11 +10,10 @@ from langgraph.types import interrupt
 
 from interleave_thinker.context import Context
 from interleave_thinker.errors import ConfigurationError
-from interleave_thinker.events import PlanReady
-from interleave_thinker.nodes.common import emit, emit_committed
+from interleave_thinker.nodes.common import adopt_plan, emit_committed
 from interleave_thinker.nodes.scheduling import select_attempt
 from interleave_thinker.prompts.parsing import OutputParseError, parse_plan
-from interleave_thinker.state import Plan, Request, RunOptions, StepProgress, TrajectoryState
+from interleave_thinker.state import Plan, Request, RunOptions, TrajectoryState
 
 REVIEW_KINDS = ("review_plan", "review_forced")
 
@@ -59,20 +58,7 @@ async def review_plan(state: TrajectoryState, runtime: Runtime[Context]) -> dict
     answer = interrupt({"kind": "review_plan", "plan": plan_for_review(plan)})
     if answer is None or answer is True:
         return {}
-    edited = check_edited_plan(answer, request, state["settings"].options)
-    progress = tuple(
-        StepProgress(
-            number=step.number,
-            status="text" if step.action == "none" else "pending",
-            next_prompt=step.prompt,
-        )
-        for step in edited.steps
-    )
-    emit(runtime, PlanReady(steps=[step.model_dump(mode="json") for step in edited.steps]))
-    for item in progress:
-        if item.finished:
-            emit_committed(runtime, edited, item)
-    return {"plan": edited, "progress": progress}
+    return adopt_plan(runtime, check_edited_plan(answer, request, state["settings"].options))
 
 
 def forced_for_review(state: TrajectoryState) -> dict[str, Any]:
