@@ -19,7 +19,11 @@ from langgraph.types import Command, StateSnapshot
 
 from interleave_thinker.checkpoints.image_store import ImageStore, write_atomically
 from interleave_thinker.checkpoints.ledger import GenerationLedger
-from interleave_thinker.checkpoints.savers import default_checkpointer_url, open_checkpointer
+from interleave_thinker.checkpoints.savers import (
+    default_checkpointer_url,
+    list_thread_ids,
+    open_checkpointer,
+)
 from interleave_thinker.context import Backends, Context, model_identity
 from interleave_thinker.errors import (
     ConfigurationError,
@@ -383,14 +387,8 @@ async def alist_threads(
     summaries = []
     async with workspace.graph() as graph:
         assert graph.checkpointer is not None and not isinstance(graph.checkpointer, bool)
-        latest: dict[str, str] = {}
-        async for item in graph.checkpointer.alist(None):
-            configurable = item.config["configurable"]
-            if configurable.get("checkpoint_ns"):
-                continue
-            thread, checkpoint = configurable["thread_id"], configurable["checkpoint_id"]
-            latest[thread] = max(latest.get(thread, ""), checkpoint)
-        for thread in latest:
+        threads = await list_thread_ids(graph.checkpointer)
+        for thread in threads:
             snapshot = await graph.aget_state(_thread_config(thread))
             values = snapshot.values
             if not values:

@@ -93,3 +93,28 @@ register_saver("memory", _open_memory)
 register_saver("sqlite", _open_sqlite)
 register_saver("postgresql", _open_postgres)
 register_saver("postgres", _open_postgres)
+
+
+_THREADS_SQL = "SELECT DISTINCT thread_id FROM checkpoints WHERE checkpoint_ns = ''"
+
+
+async def list_thread_ids(saver: BaseCheckpointSaver) -> list[str]:
+    """Every thread id in ``saver``, asked of the database directly where the saver has one.
+
+    Walking ``alist(None)`` would load and decode every checkpoint of every thread.
+    """
+    connection = getattr(saver, "conn", None)
+    kind = type(saver).__name__
+    if kind == "AsyncSqliteSaver" and connection is not None:
+        async with connection.execute(_THREADS_SQL) as cursor:
+            return [row[0] for row in await cursor.fetchall()]
+    if kind == "AsyncPostgresSaver" and hasattr(connection, "connection"):
+        async with connection.connection() as conn:
+            rows = await (await conn.execute(_THREADS_SQL)).fetchall()
+        return [row["thread_id"] if isinstance(row, dict) else row[0] for row in rows]
+    threads: dict[str, None] = {}
+    async for item in saver.alist(None):
+        configurable = item.config["configurable"]
+        if not configurable.get("checkpoint_ns"):
+            threads.setdefault(configurable["thread_id"])
+    return list(threads)
