@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import json
 import os
 import shlex
@@ -41,7 +40,7 @@ from interleave_thinker.runner import (
     arun,
     athread_report,
 )
-from interleave_thinker.settings import load_model_settings
+from interleave_thinker.settings import QUIET_LIBRARIES_ENV, load_model_settings
 from interleave_thinker.state import RunOptions, SelectionPolicy
 
 # Small images keep the demo's tiny FLUX.2-klein fast on a CPU.
@@ -254,14 +253,16 @@ def _verdict_words(event: Verdict) -> str:
 
 
 def _quiet_libraries() -> None:
-    """Turn off the loading and sampling bars of transformers and diffusers: ours are enough."""
+    """Turn off the loading bars of transformers and diffusers: our progress lines are enough.
+
+    Nothing is imported here (diffusers pulls in torch, seconds for a test-profile run): the
+    backends read QUIET_LIBRARIES_ENV when they import their library.
+    """
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault(QUIET_LIBRARIES_ENV, "1")
     for module in ("transformers.utils.logging", "diffusers.utils.logging"):
-        try:
-            logging_module = importlib.import_module(module)
-        except ImportError:
-            continue
-        logging_module.disable_progress_bar()
+        if module in sys.modules:
+            sys.modules[module].disable_progress_bar()
 
 
 def _callbacks(trace_file: Path | None) -> list[Any]:

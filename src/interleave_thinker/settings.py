@@ -17,6 +17,14 @@ from pydantic_settings import (
 from interleave_thinker.errors import ConfigurationError
 
 CONFIG_ENV = "INTERLEAVE_CONFIG"
+# Set by the CLI: backends then turn off their library's own loading bars when they import it.
+QUIET_LIBRARIES_ENV = "INTERLEAVE_QUIET_LIBRARIES"
+
+
+def quiet_library(logging_module: object) -> None:
+    """Disable a library's progress bars (transformers, diffusers) when the CLI asked for it."""
+    if os.environ.get(QUIET_LIBRARIES_ENV) == "1":
+        logging_module.disable_progress_bar()  # type: ignore[attr-defined]
 
 DEFAULT_PLANNER = "InterleaveThinker/InterleaveThinker-Planner-8B"
 # The SFT critic is lenient; the GRPO critic (InterleaveThinker/InterleaveThinker-Critic-8B) is

@@ -79,6 +79,9 @@ async def _open_sqlite(url: str) -> AsyncIterator[BaseCheckpointSaver]:
     async with aiosqlite.connect(str(path)) as conn:
         saver = AsyncSqliteSaver(conn, serde=make_serializer())
         await saver.setup()
+        # With WAL (set by setup), NORMAL still survives a killed process; it only risks the
+        # last commits on a power cut, and halves the time each checkpoint waits on the disk.
+        await conn.execute("PRAGMA synchronous=NORMAL")
         yield saver
 
 

@@ -42,6 +42,7 @@ from interleave_thinker.models.constrained import (
     JsonGrammarCompiler,
     schema_from_response_format,
 )
+from interleave_thinker.settings import quiet_library
 
 __all__ = ["TransformersChatModel", "clear_model_cache"]
 
@@ -116,6 +117,9 @@ def _load(model_name: str, device: str, dtype: str) -> _LoadedModel:
         # Loading under the lock: two callers asking at once must not load the weights twice.
         if key not in _CACHE:
             from transformers import AutoModelForImageTextToText, AutoProcessor
+            from transformers.utils import logging as transformers_logging
+
+            quiet_library(transformers_logging)
 
             try:
                 processor = AutoProcessor.from_pretrained(model_name)

@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 from interleave_thinker.errors import ConfigurationError, GeneratorError
+from interleave_thinker.settings import quiet_library
 from interleave_thinker.tools.base import GenerationJob
 from interleave_thinker.tools.pipelines import (
     EditMode,
@@ -324,6 +325,7 @@ def _import_backend() -> tuple[Any, Any]:
         raise ConfigurationError(
             f"the diffusers generator needs diffusers and transformers: {_first_line(exc)}", hint=INSTALL_HINT
         ) from exc
+    quiet_library(diffusers.utils.logging)
     return torch, diffusers
 
 
