@@ -145,14 +145,23 @@ def _thread_config(thread_id: str) -> dict[str, Any]:
     return {"configurable": {"thread_id": thread_id}, "metadata": {"thread_id": thread_id}}
 
 
-def _refuse_other_settings(thread_id: str, stored: TrajectoryState, new: RunSettings,
-                           request: Request) -> None:
-    before = stored["settings"].fingerprint(stored["request"])
-    differences = fingerprint_differences(before, new.fingerprint(request))
+def refuse_other_settings(
+    thread_id: str,
+    stored: tuple[Request, RunSettings],
+    new: tuple[Request, RunSettings],
+    *,
+    hint: str | None = None,
+) -> None:
+    """Raise SettingsMismatchError naming every setting in which ``new`` differs from ``stored``."""
+    (stored_request, stored_settings), (new_request, new_settings) = stored, new
+    differences = fingerprint_differences(
+        stored_settings.fingerprint(stored_request), new_settings.fingerprint(new_request)
+    )
     if differences:
         raise SettingsMismatchError(
             f"thread {thread_id} was started with other settings: " + "; ".join(differences),
-            hint=f"resume it with its own settings (`interleave resume {thread_id}`) "
+            hint=hint
+            or f"resume it with its own settings (`interleave resume {thread_id}`) "
             "or start a new thread",
         )
 
@@ -257,7 +266,10 @@ async def run_thread(
     snapshot = await graph.aget_state(_thread_config(thread_id))
     graph_input: TrajectoryState | None = None
     if snapshot.values:
-        _refuse_other_settings(thread_id, snapshot.values, settings, request)
+        values = snapshot.values
+        refuse_other_settings(
+            thread_id, (values["request"], values["settings"]), (request, settings)
+        )
         document = snapshot.values.get("document")
         if document is not None:
             return document
@@ -302,7 +314,9 @@ async def aresume(
         )
         chosen = (options or stored_settings.options).with_changes(**(changes or {}))
         settings = make_settings(profile_name, backends, chosen)
-        _refuse_other_settings(thread_id, stored, settings, stored["request"])
+        refuse_other_settings(
+            thread_id, (stored["request"], stored["settings"]), (stored["request"], settings)
+        )
         if on_event is not None:
             on_event(ThreadStarted(thread_id=thread_id, resumed=True))
         document = stored.get("document")

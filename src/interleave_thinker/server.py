@@ -25,7 +25,13 @@ from interleave_thinker.errors import (
 from interleave_thinker.graph import build_graph
 from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
 from interleave_thinker.nodes.common import thread_of
-from interleave_thinker.runner import Workspace, make_settings, write_html
+from interleave_thinker.runner import (
+    Workspace,
+    make_settings,
+    refuse_other_settings,
+    trajectory_input,
+    write_html,
+)
 from interleave_thinker.settings import load_model_settings
 from interleave_thinker.state import (
     Document,
@@ -34,7 +40,6 @@ from interleave_thinker.state import (
     RunOptions,
     RunSettings,
     TrajectoryState,
-    fingerprint_differences,
 )
 
 if TYPE_CHECKING:
@@ -197,19 +202,8 @@ def _input_images(workspace: Workspace, items: object) -> list[ImageRef]:
     return refs
 
 
-def _refuse_changes(
-    thread_id: str, stored: tuple[Request, RunSettings], new: tuple[Request, RunSettings]
-) -> None:
-    (stored_request, stored_settings), (new_request, new_settings) = stored, new
-    differences = fingerprint_differences(
-        stored_settings.fingerprint(stored_request), new_settings.fingerprint(new_request)
-    )
-    if differences:
-        raise SettingsMismatchError(
-            f"thread {thread_id} was started with other settings: " + "; ".join(differences),
-            hint="resume it with its own settings (input null, the same profile) "
-            "or start a new thread",
-        )
+_SERVER_RESUME_HINT = "resume it with its own settings (input null, the same profile) " \
+    "or start a new thread"
 
 
 @_errors_shown_to_client
@@ -231,16 +225,14 @@ async def prepare_request(state: ServerState, runtime: Runtime[ServerContext]) -
     if stored_request is not None and stored_settings is not None:
         # The same request again on this thread continues it (or returns its document); another
         # one would mix two runs in one thread, as the CLI also refuses.
-        _refuse_changes(thread_of(runtime), (stored_request, stored_settings), (request, settings))
+        refuse_other_settings(
+            thread_of(runtime),
+            (stored_request, stored_settings),
+            (request, settings),
+            hint=_SERVER_RESUME_HINT,
+        )
         return {}
-    return {
-        "request": request,
-        "settings": settings,
-        "plan": None,
-        "progress": (),
-        "generator_calls": 0,
-        "document": None,
-    }
+    return dict(trajectory_input(request, settings))
 
 
 @_errors_shown_to_client
@@ -262,7 +254,9 @@ async def run_trajectory(
     backends = await _backends(settings.profile)
     # A resume after a server restart may meet other models (changed $INTERLEAVE_* variables).
     now = make_settings(settings.profile, backends, settings.options)
-    _refuse_changes(thread_id, (state["request"], settings), (state["request"], now))
+    refuse_other_settings(
+        thread_id, (state["request"], settings), (state["request"], now), hint=_SERVER_RESUME_HINT
+    )
     workspace = await _workspace()
     # Called from this node, the subgraph checkpoints under this task's namespace in the
     # server's checkpointer: a resume (input null) re-enters this task and continues it there.
