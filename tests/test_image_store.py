@@ -310,3 +310,70 @@ def test_written_files_get_the_mode_the_umask_allows_not_0600(tmp_path: Path) ->
     os.umask(umask)
     image_store.write_atomically(tmp_path / "f.bin", b"x")
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_put_stages_writes_outside_the_hash_folders(store: ImageStore) -> None:
+    ref = store.put(encoded("PNG"))
+    assert files_under(store.root) == [store.path_for(ref)]
+    assert store.staging.is_dir() and list(store.staging.iterdir()) == []
+
+
+def test_sweep_removes_a_killed_writers_temp_file_and_keeps_a_live_ones(store: ImageStore) -> None:
+    store.staging.mkdir(parents=True)
+    host = image_store._host_name()
+    dead = store.staging / f".tmp-{host}-{_dead_pid()}-abc123.png"
+    live = store.staging / f".tmp-{host}-{os.getpid()}-def456.png"
+    other_host = store.staging / f".tmp-elsewhere-{_dead_pid()}-ghi789.png"
+    legacy = store.staging / ".tmp-k2j3h4.png"
+    not_temp = store.staging / "notes.txt"
+    for path in (dead, live, other_host, legacy, not_temp):
+        path.write_bytes(b"half an image")
+
+    assert store.sweep_abandoned_writes() == [dead]
+    assert sorted(p.name for p in store.staging.iterdir()) == sorted(
+        p.name for p in (live, other_host, legacy, not_temp)
+    )
+
+    # Files of other hosts or with old names go once they are older than the limit.
+    old = time.time() - image_store.ABANDONED_AFTER_S - 60
+    for path in (other_host, legacy):
+        os.utime(path, (old, old))
+    assert sorted(store.sweep_abandoned_writes()) == sorted([other_host, legacy])
+    assert sorted(p.name for p in store.staging.iterdir()) == sorted([live.name, not_temp.name])
+
+
+def test_sweep_of_a_store_never_written_is_a_no_op(tmp_path: Path) -> None:
+    assert ImageStore(tmp_path / "nothing").sweep_abandoned_writes() == []
+
+
+def test_a_write_killed_between_data_and_rename_is_swept_by_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    # A child process stops dead (os._exit skips every cleanup) right before the rename.
+    code = (
+        "import os, sys\n"
+        "from interleave_thinker.checkpoints.image_store import ImageStore\n"
+        "os.replace = lambda *a, **k: os._exit(9)\n"
+        "ImageStore(sys.argv[1]).put(bytes.fromhex(sys.argv[2]))\n"
+    )
+    root = tmp_path / "images"
+    child = subprocess.run([sys.executable, "-c", code, str(root), encoded("PNG").hex()], check=False)
+    assert child.returncode == 9
+    store = ImageStore(root)
+    leftovers = list(store.staging.iterdir())
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-")
+    assert store.sweep_abandoned_writes() == leftovers
+    assert files_under(root) == []

@@ -90,11 +90,11 @@ class Workspace:
 
     def context(self, backends: Backends) -> Context:
         store = self.image_store
-        return Context(
-            backends=backends,
-            image_store=store,
-            ledger=GenerationLedger(self.run_dir / "generations", store),
-        )
+        ledger = GenerationLedger(self.run_dir / "generations", store)
+        # Writes a killed run left half-done are cleared before new ones start.
+        store.sweep_abandoned_writes()
+        ledger.sweep_abandoned_writes()
+        return Context(backends=backends, image_store=store, ledger=ledger)
 
     def document_path(self, thread_id: str) -> Path:
         return self.run_dir / "documents" / validate_thread_id(thread_id) / "document.html"

@@ -9,7 +9,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from interleave_thinker.checkpoints.image_store import ImageStore, write_atomically
+from interleave_thinker.checkpoints.image_store import (
+    STAGING_DIR,
+    ImageStore,
+    sweep_abandoned_writes,
+    write_atomically,
+)
 from interleave_thinker.state import ImageRef
 
 
@@ -29,6 +34,11 @@ class GenerationLedger:
     def __init__(self, root: str | os.PathLike[str], store: ImageStore) -> None:
         self.root = Path(root)
         self.store = store
+        self.staging = self.root / STAGING_DIR
+
+    def sweep_abandoned_writes(self) -> list[Path]:
+        """Remove half-written records that killed processes left behind."""
+        return sweep_abandoned_writes(self.staging)
 
     def _path(self, key: str) -> Path:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
@@ -46,4 +56,4 @@ class GenerationLedger:
         return ref if self.store.contains(ref) else None
 
     def record(self, key: str, ref: ImageRef) -> None:
-        write_atomically(self._path(key), ref.model_dump_json().encode())
+        write_atomically(self._path(key), ref.model_dump_json().encode(), staging=self.staging)
