@@ -91,3 +91,28 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, kill_a
     assert _document(crash_dir, crash_log, "story") == expected
     # No half-written file is left in the image store.
     assert not [p for p in (crash_dir / "images").rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path: Path) -> None:
+    after_calls = 2
+    run_args = ("run", "--profile", "test", "--size", "96x96", "--thread", "story", REQUEST)
+    run_dir, call_log = tmp_path / "runs", tmp_path / "calls.log"
+    process = _interleave(*run_args, run_dir=run_dir, call_log=call_log)
+    deadline = time.monotonic() + 60
+    while len(_calls(call_log)) < after_calls:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    # Interrupted inside the next generator call, which LangGraph cancels while it still has
+    # checkpoint writes of the step in flight.
+    time.sleep(DELAY / 2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "Traceback" not in stderr and "exception" not in stderr.lower(), stderr
+    assert stderr.rstrip().splitlines()[-2:] == [
+        "error: interrupted; finished steps are saved",
+        "hint: continue with `interleave resume THREAD` (the id printed at start)",
+    ]
+    _finish(_interleave("resume", "story", run_dir=run_dir, call_log=call_log))
+    calls = _calls(call_log)
+    assert [call for call, count in Counter(calls).items() if count > 1] == []

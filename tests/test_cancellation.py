@@ -1,0 +1,71 @@
+"""Cancelling a run (Ctrl-C, a caller's timeout) lets its checkpoint writes finish first."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from PIL import Image
+
+from interleave_thinker.context import Backends
+from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.runner import arun, aresume
+from interleave_thinker.state import RunOptions
+from interleave_thinker.tools.base import GenerationJob
+from interleave_thinker.tools.test_generator import TestImageGenerator
+
+WRITE_SECONDS = 0.3
+
+
+class SlowGenerator(TestImageGenerator):
+    """Takes long enough per call that a cancel lands inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def agenerate(self, jobs: Sequence[GenerationJob]) -> list[Image.Image | bytes]:
+        self.calls += 1
+        await asyncio.sleep(0.5)
+        return await super().agenerate(jobs)
+
+
+async def test_cancel_waits_for_checkpoint_writes_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[int] = []
+    finished: list[int] = []
+    original = AsyncSqliteSaver.aput_writes
+
+    # Named like the saver's method on purpose: slow writes keep LangGraph's background
+    # writes of the previous step running while the next generator call starts.
+    async def aput_writes(self: AsyncSqliteSaver, *args: Any, **kwargs: Any) -> None:
+        started.append(len(started))
+        await asyncio.sleep(WRITE_SECONDS)
+        await original(self, *args, **kwargs)
+        finished.append(len(finished))
+
+    monkeypatch.setattr(AsyncSqliteSaver, "aput_writes", aput_writes)
+    generator = SlowGenerator()
+    backends = Backends(planner=TestPlannerModel(), critic=TestCriticModel(), generator=generator)
+    options = RunOptions(width=32, height=32)
+    task = asyncio.create_task(
+        arun("A cat. A dog. A bird.", backends=backends, options=options, run_dir=tmp_path, thread_id="t")
+    )
+    while generator.calls < 2:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert len(finished) < len(started), "no write was in flight: the test no longer tests anything"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Every write that had started finished before the saver was closed.
+    assert len(finished) == len(started)
+
+    monkeypatch.undo()
+    result = await aresume("t", backends=backends, run_dir=tmp_path)
+    assert [step.status for step in result.document.steps] == ["accepted"] * 3
