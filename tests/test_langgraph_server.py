@@ -132,6 +132,9 @@ async def test_profile_from_the_context_and_nested_options(served: CompiledState
     ("graph_input", "context", "error", "words"),
     [
         ({"text": "  ", "profile": "test"}, None, ConfigurationError, "request text is empty"),
+        ({"text": ["A cat."], "profile": "test"}, None, ConfigurationError, "request text"),
+        ({"text": "A cat. " * 2000, "profile": "test"}, None, ConfigurationError, "10,000"),
+        ({"text": "A cat.\x1b[2J", "profile": "test"}, None, ConfigurationError, "control character"),
         ({"text": "A cat.", "profile": "test"}, ServerContext(profile="demo"), ConfigurationError,
          "'test' but the context for 'demo'"),
         ({"text": "A cat.", "profile": "nope"}, None, ConfigurationError, "unknown profile 'nope'"),

@@ -27,6 +27,7 @@ from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
 from interleave_thinker.nodes.common import thread_of
 from interleave_thinker.runner import (
     Workspace,
+    check_request_text,
     make_settings,
     refuse_other_settings,
     trajectory_input,
@@ -210,11 +211,8 @@ _SERVER_RESUME_HINT = "resume it with its own settings (input null, the same pro
 async def prepare_request(state: ServerState, runtime: Runtime[ServerContext]) -> dict[str, Any]:
     """Turn the client's JSON into the trajectory's request and settings; on a thread that has
     them, accept the same request again and refuse any other."""
-    text = state.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigurationError(
-            "the request text is empty", hint='send {"text": "what to generate", ...} as input'
-        )
+    # The same rules as the CLI and arun: not empty, not over the length limit, no control codes.
+    text = check_request_text(state.get("text"))
     profile = _chosen_profile(state.get("profile"), runtime.context)
     backends = await _backends(profile)
     workspace = await _workspace()

@@ -66,11 +66,70 @@ def parse_source(source: str) -> tuple[Literal["input", "step"], int]:
     return kind, int(match.group(2))
 
 
+# A request is a story or a task, not a book: far longer text would only overflow the planner's
+# context (the released planner is served with 32k tokens, shared with the plan it writes).
+MAX_REQUEST_CHARS = 10_000
+# C0 and C1 control characters and DEL; tab, newline and carriage return are ordinary text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def request_text_problem(text: object) -> tuple[str, str] | None:
+    """What is wrong with a request text and what to do about it, or None when it is fine."""
+    if not isinstance(text, str):
+        return f"the request text must be a string, not {type(text).__name__}", "pass a str"
+    if not text.strip():
+        return "the request text is empty", "say what to generate"
+    if len(text) > MAX_REQUEST_CHARS:
+        return (
+            f"the request text is {len(text):,} characters long, over the limit of "
+            f"{MAX_REQUEST_CHARS:,}",
+            f"shorten it to at most {MAX_REQUEST_CHARS:,} characters, or split the work into "
+            "several requests",
+        )
+    encoding_hint = "pass the text as UTF-8 (check the terminal's or the file's encoding)"
+    if match := _SURROGATE.search(text):
+        code = ord(match.group())
+        position = match.start() + 1
+        if 0xDC80 <= code <= 0xDCFF:
+            # Python turns bytes that are not UTF-8 (in arguments, file names) into these.
+            return (
+                f"the request text is not valid UTF-8: byte 0x{code - 0xDC00:02x} at "
+                f"character {position} cannot be decoded",
+                encoding_hint,
+            )
+        return (
+            f"the request text holds a lone surrogate U+{code:04X} at character {position}",
+            encoding_hint,
+        )
+    if match := _CONTROL.search(text):
+        return (
+            f"the request text contains the control character U+{ord(match.group()):04X} at "
+            f"character {match.start() + 1}",
+            "remove control characters (NUL, terminal escape codes); tabs and newlines are fine",
+        )
+    return None
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD: such text can never be stored."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 class Request(_Record):
     """What the user asked for: text and optional input images (guidance mode)."""
 
     text: str = Field(min_length=1)
     images: tuple[ImageRef, ...] = ()
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _acceptable_text(cls, value: object) -> object:
+        # Checked before pydantic's own str check, so the message says what is wrong.
+        problem = request_text_problem(value)
+        if problem is not None:
+            raise ValueError(problem[0])
+        return value
 
     @property
     def mode(self) -> Literal["narrative", "guidance"]:
@@ -91,6 +150,12 @@ class Step(_Record):
     # Each source is 'step:N' (the final image of step N) or 'input:N' (the user's Nth image).
     # The first source is the image being edited; later ones are references.
     sources: tuple[str, ...] = ()
+
+    @field_validator("name", "instruction", "prompt", "text")
+    @classmethod
+    def _storable_text(cls, value: str | None) -> str | None:
+        # An edited plan can carry JSON escapes such as "\udcff"; checkpoints cannot store them.
+        return None if value is None else replace_lone_surrogates(value)
 
     @field_validator("sources")
     @classmethod
@@ -130,6 +195,12 @@ class Critique(_Record):
     refine_prompt: str | None = None
     reasoning: str = ""
     score: float | None = None
+
+    @field_validator("refine_prompt", "reasoning")
+    @classmethod
+    def _storable_text(cls, value: str | None) -> str | None:
+        # A served model's JSON reply can carry lone surrogate escapes; checkpoints cannot.
+        return None if value is None else replace_lone_surrogates(value)
 
 
 class Attempt(_Record):
@@ -218,10 +289,15 @@ class RunOptions(_Record):
         for name, value in changes.items():
             if value is None:
                 continue
-            target = data["budget"] if name in Budget.model_fields else data
             if name not in Budget.model_fields and name not in RunOptions.model_fields:
                 raise ValueError(f"unknown run option {name!r}")
-            target[name] = value
+            if name in Budget.model_fields:
+                if not isinstance(data["budget"], dict):
+                    # 'budget' itself was replaced by a non-object: validation below says so.
+                    continue
+                data["budget"][name] = value
+            else:
+                data[name] = value
         return RunOptions.model_validate(data)
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
 from interleave_thinker.checkpoints.image_store import ImageStore, write_atomically
+from interleave_thinker.checkpoints.savers import sqlite_path
 from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.input_files import shown_path
 from interleave_thinker.render.html import render_html, validated_ref
 from interleave_thinker.render.json_doc import document_json
 from interleave_thinker.render.markdown import render_markdown
@@ -35,22 +38,66 @@ def referenced_images(document: Document) -> list[ImageRef]:
     return list(unique.values())
 
 
-def _copy_images(document: Document, store: ImageStore, folder: Path) -> dict[str, str]:
-    if folder.exists() and not folder.is_dir():
-        raise ConfigurationError(
-            f"{folder} exists and is not a folder, so the images cannot be written there",
-            hint="move that file away or export under another name",
-        )
-    paths: dict[str, str] = {}
+def _image_names(document: Document) -> dict[str, tuple[ImageRef, str]]:
+    """sha256 -> (reference, file name in the images folder), for every image shown."""
+    names: dict[str, tuple[ImageRef, str]] = {}
     for ref in referenced_images(document):
         # Validated again: the sha256 and media type become a file name.
         ref = validated_ref(ref)
-        name = f"{ref.sha256}{MEDIA_SUFFIXES[ref.media_type]}"
+        names[ref.sha256] = (ref, f"{ref.sha256}{MEDIA_SUFFIXES[ref.media_type]}")
+    return names
+
+
+def _copy_images(names: dict[str, tuple[ImageRef, str]], store: ImageStore, folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ConfigurationError(
+            f"{shown_path(folder)} exists and is not a folder, so the images cannot be written there",
+            hint="move that file away or export under another name",
+        )
+    for ref, name in names.values():
         target = folder / name
         if not (target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == ref.sha256):
             write_atomically(target, store.read(ref))
-        paths[ref.sha256] = f"{folder.name}/{name}"
-    return paths
+
+
+def run_dir_data(run_dir: Path, checkpointer_url: str) -> list[Path]:
+    """What an export must never replace or write into: the checkpoint database and its
+    companion files, the image store and the generation ledger of a run directory."""
+    protected = [run_dir / "images", run_dir / "generations"]
+    if checkpointer_url.startswith("sqlite:///"):
+        database = sqlite_path(checkpointer_url)
+        protected += [database, *(database.with_name(database.name + s) for s in _SQLITE_FILES)]
+    return protected
+
+
+# SQLite keeps its write-ahead log and shared memory beside the database.
+_SQLITE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _refuse_protected(target: Path, protected: Sequence[Path]) -> None:
+    resolved = target.resolve()
+    for path in protected:
+        guarded = path.resolve()
+        if resolved == guarded or resolved.is_relative_to(guarded):
+            raise ConfigurationError(
+                f"the export path {shown_path(target)} would overwrite the run's own data "
+                f"({shown_path(path)})",
+                hint="export to a file outside the run directory's images, generations and "
+                "checkpoint files, e.g. the default under documents/",
+            )
+
+
+def _refuse_file_as_folder(out: Path) -> None:
+    # The nearest existing ancestor must be a folder; missing ones are created on writing.
+    for folder in out.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigurationError(
+                    f"cannot write the export to {shown_path(out)}: {shown_path(folder)} is a "
+                    "file, not a folder",
+                    hint="choose a path whose folders are folders, or move that file away",
+                )
+            return
 
 
 def export_document(
@@ -60,25 +107,44 @@ def export_document(
     thread_id: str,
     fmt: ExportFormat,
     out: Path,
+    protected: Sequence[Path] = (),
 ) -> Path:
-    """Write ``document`` to ``out`` in ``fmt``; a Markdown export also fills ``<stem>_files/``."""
+    """Write ``document`` to ``out`` in ``fmt``; a Markdown export also fills ``<stem>_files/``.
+
+    An existing file at ``out`` is replaced atomically (a symlink is replaced, not followed);
+    a directory, or a path in or under ``protected`` (see :func:`run_dir_data`), is refused.
+    Missing parent folders are created.
+    """
     out = Path(out)
     if out.is_dir():
         raise ConfigurationError(
-            f"the export path {out} is a directory",
-            hint=f"give a file path, such as {out / ('document.' + str(fmt))}",
+            f"the export path {shown_path(out)} is a directory",
+            hint=f"give a file path, such as {shown_path(out / ('document.' + str(fmt)))}",
         )
-    if fmt == "html":
-        text = render_html(document, store, thread_id=thread_id)
-    elif fmt == "md":
-        # Images first, so that a written Markdown file never links a missing image.
-        paths = _copy_images(document, store, images_folder(out))
-        text = render_markdown(document, image_paths=paths, thread_id=thread_id)
-    elif fmt == "json":
-        text = document_json(document, thread_id=thread_id)
-    else:
+    _refuse_protected(out, protected)
+    _refuse_file_as_folder(out)
+    try:
+        if fmt == "html":
+            text = render_html(document, store, thread_id=thread_id)
+        elif fmt == "md":
+            folder = images_folder(out)
+            _refuse_protected(folder, protected)
+            names = _image_names(document)
+            paths = {sha: f"{folder.name}/{name}" for sha, (_, name) in names.items()}
+            text = render_markdown(document, image_paths=paths, thread_id=thread_id)
+            # Images before the page, so that a written Markdown file never links a missing image.
+            _copy_images(names, store, folder)
+        elif fmt == "json":
+            text = document_json(document, thread_id=thread_id)
+        else:
+            raise ConfigurationError(
+                f"unknown export format {fmt!r}", hint=f"use one of {', '.join(EXPORT_FORMATS)}"
+            )
+        write_atomically(out, text.encode("utf-8"))
+    except OSError as exc:
+        # A parent that is a file, a read-only folder, a full disk: one line, not a traceback.
         raise ConfigurationError(
-            f"unknown export format {fmt!r}", hint=f"use one of {', '.join(EXPORT_FORMATS)}"
-        )
-    write_atomically(out, text.encode("utf-8"))
+            f"cannot write the export to {shown_path(out)}: {exc.strerror or exc}",
+            hint="choose a path in a folder you can write to (its parent must be a folder)",
+        ) from exc
     return out

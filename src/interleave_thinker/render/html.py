@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.errors import ImageError
+from interleave_thinker.render.safe_text import display_text
 from interleave_thinker.state import Attempt, Critique, Document, DocumentStep, ImageRef
 
 TITLE_LENGTH = 80
@@ -85,8 +86,8 @@ code { overflow-wrap: anywhere; }
 
 
 def _e(value: object) -> str:
-    """Escape anything for element text or a quoted attribute value."""
-    return escape(str(value), quote=True)
+    """Escape anything for element text or a quoted attribute value (controls and bidi made safe)."""
+    return escape(display_text(str(value)), quote=True)
 
 
 def document_title(document: Document, limit: int = TITLE_LENGTH) -> str:
@@ -149,7 +150,7 @@ class _Embedder:
 
 
 def _lines(text: str) -> str:
-    return "<br>\n".join(_e(line) for line in text.split("\n"))
+    return "<br>\n".join(_e(line) for line in display_text(text).split("\n"))
 
 
 def _paragraphs(text: str, css_class: str = "") -> str:

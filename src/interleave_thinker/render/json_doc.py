@@ -24,6 +24,11 @@ def load_document_json(text: str) -> tuple[str, Document]:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"the document is not valid JSON: {exc}", hint=_HINT) from exc
+    except RecursionError as exc:
+        raise ConfigurationError("the document JSON is nested too deeply", hint=_HINT) from exc
+    except ValueError as exc:
+        # Python refuses integers of thousands of digits (a guard against slow conversions).
+        raise ConfigurationError(f"the document JSON has an unreadable value: {exc}", hint=_HINT) from exc
     if not isinstance(payload, dict) or set(payload) != {"thread_id", "document"}:
         raise ConfigurationError(
             "the document JSON must be an object with exactly 'thread_id' and 'document'",

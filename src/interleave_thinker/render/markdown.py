@@ -15,6 +15,7 @@ from interleave_thinker.render.html import (
     document_title,
     kept_attempt,
 )
+from interleave_thinker.render.safe_text import display_text
 from interleave_thinker.state import Attempt, Critique, Document, DocumentStep, ImageRef
 
 # Characters that start emphasis, code, links, images, tables, strikethrough or headings anywhere.
@@ -27,7 +28,7 @@ _ORDERED_START = re.compile(r"^(\d+)\.(?=\s|$)")
 def _escape_line(line: str) -> str:
     # HTML first: with no '<' left no tag, comment or autolink can form, and '&' cannot
     # smuggle one in as an entity. Quotes stay, since no attribute can open without '<'.
-    line = escape(line.strip(), quote=False)
+    line = escape(display_text(line).strip(), quote=False)
     line = _INLINE_SPECIAL.sub(r"\\\1", line)
     line = _LINE_START.sub(lambda match: "\\" + match.group(0), line)
     # Only punctuation can be backslash-escaped, so '1.' becomes '1\.', not '\1.'; the ')'
@@ -54,7 +55,8 @@ def md_block(text: str, indent: str = "") -> str:
 
 def _link_target(path: str) -> str:
     # Percent-encoding leaves no space, parenthesis or scheme colon to end or redirect the link.
-    return quote(path, safe="/")
+    # A file name that is not UTF-8 keeps its own bytes (%FF), so the link still finds the file.
+    return quote(path, safe="/", errors="surrogateescape")
 
 
 def _image(ref: ImageRef, alt: str, image_paths: Mapping[str, str]) -> str:
