@@ -33,6 +33,7 @@ from interleave_thinker.agent_tool import (
 )
 from interleave_thinker.checkpoints.savers import make_serializer
 from interleave_thinker.context import Backends, Context
+from interleave_thinker.errors import ModelCallError
 from interleave_thinker.events import parse_event
 from interleave_thinker.graph import build_graph
 from interleave_thinker.runner import (
@@ -312,7 +313,7 @@ async def test_agent_resumed_after_a_crash_in_the_tool_continues_the_same_thread
     ]))
     agent = create_agent(model, [tool], checkpointer=InMemorySaver())
     config = {"configurable": {"thread_id": "agent-crash"}}
-    with pytest.raises(RuntimeError, match="critic process died"):
+    with pytest.raises(ModelCallError, match="critic process died"):
         await agent.ainvoke({"messages": [{"role": "user", "content": "fox and owl"}]}, config)
     assert len(generator.jobs) == 1
     # Resuming the agent re-runs the same tool call, which continues the same thread.
@@ -369,7 +370,7 @@ async def test_graph_as_a_node_of_a_parent_that_shares_its_state_and_checkpointe
     context = Workspace.open(run_dir, "memory://unused").context(backends)
     config = {"configurable": {"thread_id": "parent-shared"}}
 
-    with pytest.raises(RuntimeError, match="critic process died"):
+    with pytest.raises(ModelCallError, match="critic process died"):
         await parent.ainvoke({"topic": "a fox meets an owl"}, config, context=context)
     # The parent's checkpointer holds the subgraph's own progress, down to its next node.
     snapshot = await parent.aget_state(config, subgraphs=True)
@@ -424,7 +425,7 @@ async def test_graph_called_from_a_wrapper_node_with_other_schemas(
     context = AppContext("ann", Workspace.open(run_dir, "memory://unused").context(backends))
     config = {"configurable": {"thread_id": "parent-wrapper"}}
 
-    with pytest.raises(RuntimeError, match="critic process died"):
+    with pytest.raises(ModelCallError, match="critic process died"):
         await parent.ainvoke({"topic": "a fox meets an owl"}, config, context=context)
     (task,) = (await parent.aget_state(config, subgraphs=True)).tasks
     assert task.state is not None and task.state.values["generator_calls"] == 1

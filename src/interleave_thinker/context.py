@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from langchain_core.language_models import BaseChatModel
 
 from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.checkpoints.ledger import GenerationLedger
+from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.settings import ModelSettings, redact_url
 from interleave_thinker.tools.base import ImageGenerator
+
+# Generous enough for a large diffusion model drawing a full batch on one GPU, including the
+# first call's loading of the weights from disk; a hung call is still noticed in minutes.
+DEFAULT_GENERATOR_TIMEOUT_S = 900.0
+# An 8B planner writing 2048 tokens with in-process transformers takes a minute or two.
+DEFAULT_MODEL_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -21,12 +30,48 @@ class Backends:
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """Seconds one backend call may take before it counts as hung; None waits without limit.
+
+    ``generator`` bounds one batched generator call, ``model`` one planner or critic reply. A
+    call past its limit is retried like a transient error. These are operational settings, not
+    part of a thread's settings: a resume may change them.
+    """
+
+    generator: float | None = DEFAULT_GENERATOR_TIMEOUT_S
+    model: float | None = DEFAULT_MODEL_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        for name in ("generator", "model"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and value > 0
+            ):
+                raise ConfigurationError(
+                    f"the {name} timeout must be a positive number of seconds, not {value!r}",
+                    hint="use None (Python) for no limit",
+                )
+
+    @classmethod
+    def chosen(cls, timeouts: Timeouts | None, settings: ModelSettings | None) -> Timeouts:
+        """The timeouts given, else those of the model settings, else the defaults."""
+        if timeouts is not None:
+            return timeouts
+        if settings is None:
+            return cls()
+        return cls(generator=settings.generator_timeout, model=settings.model_timeout)
+
+
+@dataclass(frozen=True)
 class Context:
     """What every node receives through ``Runtime.context``; a resume passes it again."""
 
     backends: Backends
     image_store: ImageStore
     ledger: GenerationLedger
+    timeouts: Timeouts = Timeouts()
 
 
 def model_identity(model: BaseChatModel) -> str:
@@ -35,4 +80,5 @@ def model_identity(model: BaseChatModel) -> str:
     identity = f"{model._llm_type}:{name}" if isinstance(name, str) and name else model._llm_type
     # The same model name on two servers may be two different models.
     base_url = getattr(model, "openai_api_base", None)
-    return f"{identity}@{base_url}" if isinstance(base_url, str) and base_url else identity
+    # Stored in the thread and shown in reports: a key written into the URL stays out.
+    return f"{identity}@{redact_url(base_url)}" if isinstance(base_url, str) and base_url else identity

@@ -39,8 +39,30 @@ class GeneratorError(InterleaveError):
     """The image generator failed permanently (retrying will not help)."""
 
 
-class TransientGeneratorError(Exception):
-    """The image generator failed in a way that a retry may fix (timeouts, overload)."""
+class TransientGeneratorError(InterleaveError):
+    """The image generator failed in a way that a retry may fix (timeouts, overload).
+
+    The graph retries it with backoff; when the retries run out it stops the run like any error.
+    """
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(
+            message,
+            hint=hint or "once the generator answers again, continue with `interleave resume THREAD`",
+        )
+
+
+class TransientModelError(InterleaveError):
+    """The planner or critic model could not be reached or was overloaded; a retry may fix it."""
+
+
+class ModelCallError(InterleaveError):
+    """A planner or critic call failed in a way a retry will not fix (refused key, unknown model,
+    a request the server rejects)."""
+
+
+class ModelTimeoutError(InterleaveError):
+    """A planner, critic or generator call ran past its time limit (retried like a transient error)."""
 
 
 class ReviewRequired(InterleaveError):

@@ -7,45 +7,21 @@ from typing import Literal
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import RetryPolicy
 
 from interleave_thinker.context import Context
-from interleave_thinker.errors import TransientGeneratorError
+from interleave_thinker.nodes import retrying
 from interleave_thinker.nodes.compose import compose_document
 from interleave_thinker.nodes.critic import judge_attempts
 from interleave_thinker.nodes.generator import generate_images
 from interleave_thinker.nodes.planner import plan_trajectory
+from interleave_thinker.nodes.retrying import MODEL_RETRY, TRANSIENT_ERRORS, is_transient
 from interleave_thinker.nodes.review import review_forced, review_plan
 from interleave_thinker.nodes.scheduling import calls_left, ready_steps
 from interleave_thinker.state import TrajectoryState
 
 GRAPH_NAME = "interleave_thinker"
-
-# Network hiccups and overloaded servers deserve another try with backoff; bad output does not
-# (it is re-asked inside the node) and neither do permanent generator errors.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
-    TransientGeneratorError,
-    ConnectionError,
-    TimeoutError,
-)
-# The openai SDK's own errors for the same conditions, named so the SDK stays optional.
-_TRANSIENT_OPENAI_ERRORS = {
-    "APIConnectionError",
-    "APITimeoutError",
-    "RateLimitError",
-    "InternalServerError",
-}
-
-
-def is_transient(error: Exception) -> bool:
-    """Whether a failed node deserves another try after a backoff."""
-    if isinstance(error, TRANSIENT_ERRORS):
-        return True
-    kind = type(error)
-    return kind.__module__.startswith("openai") and kind.__name__ in _TRANSIENT_OPENAI_ERRORS
-
-
-MODEL_RETRY = RetryPolicy(max_attempts=4, initial_interval=1.0, retry_on=is_transient)
+# Re-exported: the retry rules live beside the nodes that name them in their messages.
+__all__ = ["GRAPH_NAME", "MODEL_RETRY", "TRANSIENT_ERRORS", "build_graph", "is_transient"]
 
 
 def _next_after_planning_or_critique(state: TrajectoryState) -> Literal["generator", "compose"]:
@@ -77,9 +53,12 @@ def build_graph(
 ) -> CompiledStateGraph[TrajectoryState, Context]:
     """The compiled trajectory graph; pass a checkpointer to make runs resumable."""
     builder = StateGraph(TrajectoryState, context_schema=Context)
-    builder.add_node("planner", plan_trajectory, retry_policy=MODEL_RETRY)
-    builder.add_node("generator", generate_images, retry_policy=MODEL_RETRY)
-    builder.add_node("critic", judge_attempts, retry_policy=MODEL_RETRY)
+    # Transient failures (overload, lost connections, calls past their timeout) are retried
+    # with exponential backoff; the nodes re-ask unreadable output themselves.
+    policy = retrying.MODEL_RETRY
+    builder.add_node("planner", plan_trajectory, retry_policy=policy)
+    builder.add_node("generator", generate_images, retry_policy=policy)
+    builder.add_node("critic", judge_attempts, retry_policy=policy)
     builder.add_node("review_plan", review_plan)
     builder.add_node("review_forced", review_forced)
     builder.add_node("compose", compose_document)

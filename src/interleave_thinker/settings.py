@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError
 from pydantic_settings import (
@@ -49,6 +52,15 @@ class ModelSettings(BaseSettings):
         default=None, description="OpenAI-compatible Images API (e.g. vllm-omni) for the generator."
     )
     request_timeout: float = Field(default=300.0, gt=0, description="Seconds per served request.")
+    # Operational limits, not part of a thread's settings: a resume may change them.
+    generator_timeout: float = Field(
+        default=900.0, gt=0, allow_inf_nan=False,
+        description="Seconds one batched generator call may take before it counts as hung.",
+    )
+    model_timeout: float = Field(
+        default=600.0, gt=0, allow_inf_nan=False,
+        description="Seconds one planner or critic reply may take before it counts as hung.",
+    )
     generator_pipeline: str | None = Field(
         default=None, description="Diffusers pipeline class, when model_index.json is not enough."
     )
@@ -94,6 +106,13 @@ def load_model_settings(config_file: str | os.PathLike[str] | None = None, **fla
 
     try:
         loaded = _WithFile(**{name: value for name, value in flags.items() if value is not None})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # tomllib recurses on nested arrays: a file of thousands of '[' exhausts the stack.
+        problem = "it nests too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())
+        raise ConfigurationError(
+            f"settings file {path} is not valid TOML: {problem}",
+            hint="fix the file (UTF-8 text, key = value lines) or pass another with --config",
+        ) from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -102,3 +121,26 @@ def load_model_settings(config_file: str | os.PathLike[str] | None = None, **fla
             hint=f"check the flag, the INTERLEAVE_{where.upper()} variable or the settings file",
         ) from exc
     return ModelSettings.model_construct(**loaded.model_dump())
+
+
+# Query parameters whose values are credentials (api-key=..., token=..., sig=...).
+_SECRET_PARAM = re.compile(r"(?i)(key|token|secret|passw|pwd|sig|auth|credential)")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its credentials (user info, secret-looking query values) shown as ***.
+
+    Server URLs become part of a model's identity, which threads store and traces and reports
+    show; a key written into a URL must not travel with it.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(
+        f"{name}=***" if sep and _SECRET_PARAM.search(name) else f"{name}{sep}{value}"
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing to hide: the URL exactly as given, so identities stay the same
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -48,7 +48,12 @@ class PostgresTarget:
 
 def mask_password(url: str) -> str:
     """The URL with any password (in the user part or as a query parameter) shown as ***."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # Not even splittable: mask by pattern, so the error about it can still be shown.
+        masked = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+        return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", masked)
     netloc = parts.netloc
     userinfo, at, hostinfo = netloc.rpartition("@")
     if at and ":" in userinfo:
@@ -74,7 +79,12 @@ def _scrub(text: str, url: str) -> str:
 
 def parse_url(url: str) -> PostgresTarget:
     """Split our pool parameters (``?pool_min=1&pool_max=4``) off a PostgreSQL URL."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket, a host that normalizes to '#'
+        raise ConfigurationError(
+            f"checkpointer URL {mask_password(url)!r} cannot be read: {exc}", hint=URL_HINT
+        ) from exc
     if parts.scheme not in SCHEMES:
         raise ConfigurationError(f"{mask_password(url)!r} is not a PostgreSQL URL", hint=URL_HINT)
     sizes = dict(POOL_PARAMS)

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel
 
-from interleave_thinker.errors import ModelOutputError
+from interleave_thinker.errors import (
+    InterleaveError,
+    ModelCallError,
+    ModelOutputError,
+    ModelTimeoutError,
+    TransientModelError,
+)
+from interleave_thinker.nodes.retrying import bounded, is_transient
 from interleave_thinker.prompts.parsing import OutputParseError
 from interleave_thinker.prompts.templates import reask_message
 from interleave_thinker.state import OutputMode
@@ -18,6 +27,11 @@ from interleave_thinker.state import OutputMode
 T = TypeVar("T")
 
 ChatRunnable = Runnable[LanguageModelInput, Any]
+
+# A re-ask shows the model its own reply; an enormous one is cut to its two ends, which say
+# enough (a wrong start, a cut-off end) without filling the model's context.
+ECHO_LIMIT = 4000
+_PARSE_IN_THREAD_CHARS = 100_000
 
 STRUCTURED_REPLY_NOTE = (
     "Reply with the JSON object of your answer alone: no <think> or <answer> tags, no prose."
@@ -63,21 +77,97 @@ async def ask_until_parsed(
     max_reasks: int,
     where: str,
     config: RunnableConfig | None = None,
+    identity: str = "the model",
+    timeout: float | None = None,
+    tries: str = "",
 ) -> tuple[T, str]:
-    """Return (parsed value, raw reply text); after ``max_reasks`` failed re-asks raise."""
+    """Return (parsed value, raw reply text); after ``max_reasks`` failed re-asks raise.
+
+    Each reply may take ``timeout`` seconds; a slower one raises ModelTimeoutError and a lost
+    connection TransientModelError, both retried by the graph. ``tries`` ("try 2 of 4") and
+    ``identity`` go into those messages.
+    """
     history = list(messages)
     error: OutputParseError | None = None
     for _ in range(max_reasks + 1):
-        reply = await model.ainvoke(history, config=config)
-        text = reply.text if isinstance(reply, BaseMessage) else str(reply)
+        reply = await _reply(model, history, config, where, identity, timeout, tries)
+        text = _reply_text(reply)
         try:
-            return parse(text), text
+            if len(text) < _PARSE_IN_THREAD_CHARS:
+                return parse(text), text
+            # Parsing is linear but a megabyte takes about a second: off the event loop, which
+            # may be serving other trajectories.
+            return await asyncio.to_thread(parse, text), text
         except OutputParseError as exc:
             error = exc
             # Show the model its own reply and what was wrong with it, then ask again.
-            history = [*history, AIMessage(text), reask_message(str(exc), what=what)]
+            history = [*history, AIMessage(echoed(text)), reask_message(str(exc), what=what)]
     raise ModelOutputError(
         f"{where}: the {what} could not be read after {max_reasks + 1} tries: {error}",
         hint="check that the model prints <think>...</think><answer>{...}</answer>; "
         "raise --max-reasks or use a stronger model",
     )
+
+
+async def _reply(
+    model: ChatRunnable,
+    history: list[BaseMessage],
+    config: RunnableConfig | None,
+    where: str,
+    identity: str,
+    timeout: float | None,
+    tries: str,
+) -> Any:
+    label = f" ({tries})" if tries else ""
+
+    def too_slow() -> Exception:
+        return ModelTimeoutError(
+            f"{where}: {identity} did not reply within {timeout:g} s{label}",
+            hint="the model may be hung or overloaded: check it, or allow more time with "
+            "--model-timeout SECONDS (INTERLEAVE_MODEL_TIMEOUT), then `interleave resume THREAD`",
+        )
+
+    try:
+        return await bounded(model.ainvoke(history, config=config), timeout, too_slow)
+    except InterleaveError:
+        raise
+    except OutputParserException as exc:
+        # The model's own output check failed (an in-process JSON reply cut off by its token
+        # limit): asking again would hit the same limit, so stop with the model's message.
+        raise ModelOutputError(
+            f"{where}: {identity}: {' '.join(str(exc).split())[:500]}",
+            hint="see the message; raise max_new_tokens or use tagged output",
+        ) from exc
+    except Exception as exc:
+        if not is_transient(exc):
+            # A refused key, an unknown model name, a request too long for the server: say which
+            # call failed and how, in one line (the original stays chained for debugging).
+            raise ModelCallError(
+                f"{where}: {identity} failed{label}: "
+                f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                hint="check the model's URL, name and API key (or the model itself), "
+                "then `interleave resume THREAD`",
+            ) from exc
+        # Still transient (the graph retries it), but named: the last try's error is what the
+        # user reads.
+        raise TransientModelError(
+            f"{where}: {identity} could not be reached{label}: "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+            hint="check that the model's server is up, then `interleave resume THREAD`",
+        ) from exc
+
+
+def _reply_text(reply: Any) -> str:
+    if isinstance(reply, BaseMessage):
+        return reply.text
+    # A plain string reply (a custom runnable) is used as it is; anything else is shown to the
+    # parser as text so that it is refused with a message instead of crashing it.
+    return reply if isinstance(reply, str) else str(reply)
+
+
+def echoed(text: str) -> str:
+    """The reply as a re-ask quotes it back: whole when short, else its two ends."""
+    if len(text) <= ECHO_LIMIT:
+        return text
+    half = ECHO_LIMIT // 2
+    return f"{text[:half]}\n[... {len(text) - ECHO_LIMIT:,} characters left out ...]\n{text[-half:]}"

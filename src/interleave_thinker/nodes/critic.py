@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from langgraph.runtime import Runtime
 
 from interleave_thinker.checkpoints.image_store import blank_canvas
-from interleave_thinker.context import Context
+from interleave_thinker.context import Context, model_identity
 from interleave_thinker.events import Verdict
 from interleave_thinker.models.messages import ImageInliningChatModel, image_block
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
 from interleave_thinker.nodes.common import emit, emit_committed, position, thread_of
+from interleave_thinker.nodes.retrying import try_label
 from interleave_thinker.nodes.scheduling import finish_out_of_budget, source_images
 from interleave_thinker.prompts.parsing import parse_verdict
 from interleave_thinker.prompts.schemas import VerdictAnswer
 from interleave_thinker.prompts.templates import critic_messages
 from interleave_thinker.state import Attempt, Critique, StepProgress, TrajectoryState
+
+T = TypeVar("T")
 
 
 async def judge_attempts(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:
@@ -35,7 +39,7 @@ async def judge_attempts(state: TrajectoryState, runtime: Runtime[Context]) -> d
         critique = await _ask_critic(state, runtime, item, attempt)
         return critique, time.monotonic() - started
 
-    verdicts = await asyncio.gather(*(verdict_for(item) for item in fresh))
+    verdicts = await _all_or_none([verdict_for(item) for item in fresh])
 
     decided: dict[int, StepProgress] = {}
     for item, (critique, seconds) in zip(fresh, verdicts, strict=True):
@@ -68,6 +72,23 @@ async def judge_attempts(state: TrajectoryState, runtime: Runtime[Context]) -> d
         if item.finished:
             emit_committed(runtime, plan, item)
     return {"progress": tuple(decided.get(item.number, item) for item in state["progress"])}
+
+
+async def _all_or_none(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``calls`` concurrently; when one fails, cancel the others before raising.
+
+    Plain gather would leave them running: a retry of the node would then ask the critic
+    twice about the same attempts at once.
+    """
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        # Let the cancelled calls unwind (their errors are not the one to report).
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _ask_critic(
@@ -104,6 +125,9 @@ async def _ask_critic(
         what="verdict",
         max_reasks=state["settings"].options.max_reasks,
         where=f"thread {thread_of(runtime)}, step {step.number}, attempt {attempt.number}",
+        identity=f"critic {model_identity(runtime.context.backends.critic)}",
+        timeout=runtime.context.timeouts.model,
+        tries=try_label(runtime),
         config={
             "run_name": "critic",
             "tags": ["critic"],

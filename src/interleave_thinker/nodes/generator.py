@@ -10,12 +10,19 @@ from langchain_core.runnables import RunnableLambda
 from langgraph.runtime import Runtime
 from PIL import Image
 
-from interleave_thinker.checkpoints.image_store import encode_png
+from interleave_thinker.checkpoints.image_store import encode_png, inspect_image
 from interleave_thinker.checkpoints.ledger import generation_key
 from interleave_thinker.context import Context
-from interleave_thinker.errors import GeneratorError
+from interleave_thinker.errors import (
+    GeneratorError,
+    ImageError,
+    InterleaveError,
+    ModelTimeoutError,
+    TransientGeneratorError,
+)
 from interleave_thinker.events import ImageReady, StepStarted
 from interleave_thinker.nodes.common import emit, position, thread_of
+from interleave_thinker.nodes.retrying import bounded, is_transient, try_label
 from interleave_thinker.nodes.scheduling import (
     calls_left,
     derive_seed,
@@ -80,7 +87,7 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
         else:
             to_draw.append((job, key, sources))
     if to_draw:
-        images.update(await _draw(context, thread_id, to_draw))
+        images.update(await _draw(context, thread_id, to_draw, try_label(runtime)))
     seconds = (time.time() - started) / max(1, len(planned))
 
     updated = dict(progress)
@@ -113,9 +120,20 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
 
 
 async def _draw(
-    context: Context, thread_id: str, to_draw: list[tuple[GenerationJob, str, list[ImageRef]]]
+    context: Context,
+    thread_id: str,
+    to_draw: list[tuple[GenerationJob, str, list[ImageRef]]],
+    tries: str,
 ) -> dict[str, ImageRef]:
-    """One backend call for the batch, traced as its own run with references only."""
+    """One backend call for the batch, traced as its own run with references only.
+
+    The call is bounded by the generator timeout; its images are all checked (decodable, the
+    requested size, one per job) before any is stored, so a bad batch records nothing.
+    """
+    generator = context.backends.generator
+    steps = ", ".join(str(job.step) for job, _, _ in to_draw)
+    where = f"thread {thread_id}: generator {generator.identity}, step(s) {steps}"
+    resume = f"`interleave resume {thread_id}`"
 
     def load_jobs() -> list[GenerationJob]:
         return [
@@ -123,27 +141,43 @@ async def _draw(
             for job, _, sources in to_draw
         ]
 
-    def store(outputs: list[Image.Image | bytes]) -> list[dict[str, Any]]:
+    def store(encoded: list[bytes]) -> list[dict[str, Any]]:
         drawn = []
-        for (job, key, _), output in zip(to_draw, outputs, strict=True):
-            ref = context.image_store.put(
-                _encoded(output), what=f"generated image of step {job.step}"
-            )
+        for (job, key, _), data in zip(to_draw, encoded, strict=True):
+            ref = context.image_store.put(data, what=f"generated image of step {job.step}")
             # Recorded the moment it is stored: a crash from here on never pays for it again.
-            context.ledger.record(key, ref)
+            context.ledger.record(key, ref, thread_id=thread_id)
             drawn.append({"key": key, "step": job.step, "attempt": job.attempt, "image": ref})
         return drawn
 
+    def too_slow() -> Exception:
+        return ModelTimeoutError(
+            f"{where}: no images after {context.timeouts.generator:g} s ({tries})",
+            hint="the generator may be hung or overloaded: check it, or allow more time with "
+            f"--generator-timeout SECONDS (INTERLEAVE_GENERATOR_TIMEOUT), then {resume}",
+        )
+
     async def draw_and_store(_: dict[str, Any]) -> list[dict[str, Any]]:
         jobs = await asyncio.to_thread(load_jobs)
-        outputs = await context.backends.generator.agenerate(jobs)
-        if len(outputs) != len(jobs):
+        try:
+            outputs = await bounded(generator.agenerate(jobs), context.timeouts.generator, too_slow)
+        except ModelTimeoutError:
+            raise
+        except TransientGeneratorError as exc:
+            # Still transient; named with the thread and the try, as the last try is reported.
+            raise TransientGeneratorError(f"{where} ({tries}): {exc.message}", hint=exc.hint) from exc
+        except InterleaveError:
+            raise
+        except Exception as exc:
+            detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            if is_transient(exc):
+                raise TransientGeneratorError(f"{where} ({tries}): {detail}") from exc
             raise GeneratorError(
-                f"generator {context.backends.generator.identity} returned {len(outputs)} "
-                f"images for {len(jobs)} requests",
-                hint="the backend must return exactly one image per job, in order",
-            )
-        return await asyncio.to_thread(store, outputs)
+                f"{where}: the backend failed: {detail}",
+                hint=f"see the chained error; once the backend is fixed, {resume}",
+            ) from exc
+        encoded = await asyncio.to_thread(_checked_outputs, outputs, [job for job, _, _ in to_draw], where)
+        return await asyncio.to_thread(store, encoded)
 
     # The traced input and output name images by hash: no pixels reach a trace.
     summary = {
@@ -179,12 +213,49 @@ def _with_sources(job: GenerationJob, images: list[Image.Image]) -> GenerationJo
     return GenerationJob(**{**job.__dict__, "source_images": tuple(images)})
 
 
-def _encoded(output: Image.Image | bytes) -> bytes:
-    if isinstance(output, bytes):
-        return output
+def _checked_outputs(outputs: object, jobs: list[GenerationJob], where: str) -> list[bytes]:
+    """The encoded image of every job, or a GeneratorError naming the first bad one."""
+    hint = (
+        "the backend must return one PIL image or PNG/JPEG/WebP bytes per job, in order, of the "
+        "requested size; nothing of this batch was kept: fix the backend (or pick a --size the "
+        "model supports) and resume the thread"
+    )
+    if not isinstance(outputs, list | tuple):
+        raise GeneratorError(
+            f"{where}: the backend returned {type(outputs).__name__}, not a list of images",
+            hint=hint,
+        )
+    if len(outputs) != len(jobs):
+        raise GeneratorError(
+            f"{where}: the backend returned {len(outputs)} images for {len(jobs)} requests",
+            hint=hint,
+        )
+    return [_encoded(output, job, where, hint) for job, output in zip(jobs, outputs, strict=True)]
+
+
+def _encoded(output: object, job: GenerationJob, where: str, hint: str) -> bytes:
+    what = f"{where}: the image of step {job.step}"
+    wanted = (job.width, job.height)
     if isinstance(output, Image.Image):
-        return encode_png(output)
+        size = output.size
+        if size == wanted:
+            try:
+                return encode_png(output)
+            except (OSError, ValueError, TypeError) as exc:
+                raise GeneratorError(
+                    f"{what} ({output.mode} mode) cannot be saved as PNG: {exc}", hint=hint
+                ) from exc
+    elif isinstance(output, bytes | bytearray | memoryview):
+        data = bytes(output)
+        try:
+            _, width, height = inspect_image(data, what=what)
+        except ImageError as exc:
+            raise GeneratorError(exc.message, hint=hint) from exc
+        size = (width, height)
+        if size == wanted:
+            return data
+    else:
+        raise GeneratorError(f"{what} is a {type(output).__name__}, not an image", hint=hint)
     raise GeneratorError(
-        f"generator returned a {type(output).__name__}, not an image",
-        hint="return PIL images or encoded PNG/JPEG/WebP bytes",
+        f"{what} is {size[0]}x{size[1]}, but {wanted[0]}x{wanted[1]} was requested", hint=hint
     )

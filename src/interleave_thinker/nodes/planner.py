@@ -6,10 +6,11 @@ from typing import Any
 
 from langgraph.runtime import Runtime
 
-from interleave_thinker.context import Context
+from interleave_thinker.context import Context, model_identity
 from interleave_thinker.models.messages import ImageInliningChatModel, image_block
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
 from interleave_thinker.nodes.common import adopt_plan, thread_of
+from interleave_thinker.nodes.retrying import try_label
 from interleave_thinker.prompts.parsing import parse_plan
 from interleave_thinker.prompts.schemas import PlanAnswer
 from interleave_thinker.prompts.templates import planner_messages
@@ -37,6 +38,9 @@ async def plan_trajectory(state: TrajectoryState, runtime: Runtime[Context]) -> 
         what="plan",
         max_reasks=options.max_reasks,
         where=f"thread {thread_of(runtime)}, planning",
+        identity=f"planner {model_identity(runtime.context.backends.planner)}",
+        timeout=runtime.context.timeouts.model,
+        tries=try_label(runtime),
         config={
             "run_name": "planner",
             "tags": ["planner"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from langgraph.runtime import Runtime
@@ -44,6 +45,11 @@ def check_edited_plan(answer: Any, request: Request, options: RunOptions) -> Pla
         return parse_plan(
             json.dumps(answer), input_images=len(request.images), max_steps=options.max_steps
         )
+    except RecursionError as exc:
+        raise ConfigurationError(
+            "the edited plan is nested too deeply",
+            hint="keep the execution_plan format you were given; resume again with a fixed plan",
+        ) from exc
     except (OutputParseError, TypeError, ValueError) as exc:
         raise ConfigurationError(
             f"the edited plan is not valid: {exc}",
@@ -103,10 +109,12 @@ def _chosen_attempts(answer: Any, state: TrajectoryState) -> dict[int, int]:
         )
     chosen: dict[int, int] = {}
     for raw_step, raw_attempt in answer.items():
-        try:
-            step, attempt = int(raw_step), int(raw_attempt)
-        except (TypeError, ValueError) as exc:
-            raise ConfigurationError(f"{raw_step}={raw_attempt} is not STEP=ATTEMPT") from exc
+        step, attempt = _whole_number(raw_step), _whole_number(raw_attempt)
+        if step is None or attempt is None:
+            raise ConfigurationError(
+                f"{str(raw_step)[:40]}={str(raw_attempt)[:40]} is not STEP=ATTEMPT",
+                hint="both are whole numbers: {\"2\": 1} keeps attempt 1 of step 2",
+            )
         if step not in waiting:
             raise ConfigurationError(
                 f"step {step} is not waiting for review",
@@ -118,6 +126,22 @@ def _chosen_attempts(answer: Any, state: TrajectoryState) -> dict[int, int]:
             )
         chosen[step] = attempt
     return chosen
+
+
+def _whole_number(value: Any) -> int | None:
+    """An int from an int, a digit string or a float with no fraction; None for anything else.
+
+    1.7 must not quietly become attempt 1, nor inf crash the check.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,9}\s*", value):
+        return int(value)
+    return None
 
 
 def check_review_answer(answer: Any, state: TrajectoryState) -> None:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import ast
-import io
+import bisect
 import json
 import math
 import re
-import tokenize
 from collections.abc import Mapping
 from typing import Any
 
 from interleave_thinker.state import Critique, Plan, Step
 
 MAX_INPUT_CHARS = 1_000_000
+# One text field of a step (or a verdict's refined prompt). Real prompts are a few hundred
+# characters; a longer field is a runaway reply, and every checkpoint of the thread would carry it.
+MAX_FIELD_CHARS = 20_000
+# A verdict's reasoning is shown, never parsed; past this it is cut (and says so).
+MAX_REASONING_CHARS = 20_000
+# Values quoted in error messages are cut to this many characters.
+_SHOWN_CHARS = 60
 # Step numbers only ever count steps; a huge one is a model glitch, not a real sequence.
 MAX_STEP_NUMBER = 1_000_000
 _MAX_TRIES = 8
@@ -30,10 +36,31 @@ _ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
 _FENCE_LINE = re.compile(r"^[ \t]*```[\w+-]*[ \t]*$", re.MULTILINE)
 _DIGITS = re.compile(r"[0-9]+")
 _SOURCE = re.compile(r"(step|input)\s*:\s*([0-9]+)", re.IGNORECASE)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_BLANK_OR_FENCE = re.compile(r"[\s`]*")
+_NON_BLANK = re.compile(r"\S")
 
 
 class OutputParseError(ValueError):
     """A planner or critic reply could not be read; the message says what was wrong."""
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` cut to a few dozen characters, for error messages (repr also escapes
+    control characters and lone surrogates, so the message prints anywhere)."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _well_formed(text: str) -> str:
+    """``text`` with lone UTF-16 surrogates replaced by U+FFFD (and split pairs joined).
+
+    Models print them through JSON escapes (``"\\ud800"``); left in, they fail later where the
+    text is encoded as UTF-8 (checkpoints, HTML, the terminal).
+    """
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +74,7 @@ def _check_size(text: object) -> str:
         raise OutputParseError(
             f"the reply is {len(text):,} characters long; at most {MAX_INPUT_CHARS:,} are read"
         )
-    return text
+    return _well_formed(text)
 
 
 def split_think_answer(text: str) -> tuple[str, str]:
@@ -61,11 +88,19 @@ def split_think_answer(text: str) -> tuple[str, str]:
     if answer is None and think_end:
         answer = _last_answer_block(text, 0)
 
+    think_open = _THINK_OPEN.search(text)
     if answer is not None:
         answer_start, answer_text = answer
+    elif think_close is None and think_open is not None:
+        answer_start, answer_text = _answer_in_open_think(text, think_open.end())
     else:
         # No answer tags: the dict is the last brace block after the reasoning.
         answer_start, answer_text = _last_brace_block(text, think_end)
+        if think_close is not None and not answer_text.strip():
+            raise OutputParseError(
+                "the reply stops after its reasoning: nothing follows </think>; "
+                "the answer dict must come after it, in <answer></answer>"
+            )
 
     if think_close is not None and think_close.start() <= answer_start:
         think_open = _THINK_OPEN.search(text, 0, think_close.start())
@@ -83,15 +118,42 @@ def split_think_answer(text: str) -> tuple[str, str]:
 
 
 def _last_answer_block(text: str, start: int) -> tuple[int, str] | None:
-    """The last non-blank ``<answer>`` block at or after ``start``: (tag start, content)."""
-    best: tuple[int, str] | None = None
-    for match in _ANSWER_OPEN.finditer(text, start):
-        close = _ANSWER_CLOSE.search(text, match.end())
+    """The last non-blank ``<answer>`` block at or after ``start``: (tag start, content).
+
+    Linear in the text: a reply that repeats ``<answer>`` a hundred thousand times (a model
+    stuck in a loop) must not make the search quadratic.
+    """
+    opens = list(_ANSWER_OPEN.finditer(text, start))
+    if not opens:
+        return None
+    closes = [match.start() for match in _ANSWER_CLOSE.finditer(text, opens[0].end())]
+    for match in reversed(opens):
+        index = bisect.bisect_left(closes, match.end())
         # A missing closing tag means the reply was cut off: take everything to the end.
-        content = text[match.end() : close.start() if close else len(text)]
-        if content.strip():
-            best = (match.start(), content)
-    return best
+        end = closes[index] if index < len(closes) else len(text)
+        # Each search stops at the next tag, so all of them together read the text once.
+        if _NON_BLANK.search(text, match.end(), end):
+            return match.start(), text[match.end() : end]
+    return None
+
+
+def _answer_in_open_think(text: str, start: int) -> tuple[int, str]:
+    """The answer of a reply whose <think> block never closes and that has no answer tags.
+
+    A dict that ends the reply is taken as the answer (the model forgot its tags); a dict with
+    more reasoning after it is a draft of a reply cut off while thinking, and is refused.
+    """
+    blocks, unclosed = _brace_blocks(text, start)
+    if unclosed is not None:
+        # A dict cut off at the end: parse_answer_dict reports the truncation.
+        return unclosed, text[unclosed:]
+    if blocks and _BLANK_OR_FENCE.fullmatch(text, blocks[-1][1]):
+        begin, end = blocks[-1]
+        return begin, text[begin:end]
+    raise OutputParseError(
+        "the reply ends inside its <think> block (no </think> and no <answer>): it was "
+        "probably cut off while reasoning, before the answer"
+    )
 
 
 def _last_brace_block(text: str, start: int) -> tuple[int, str]:
@@ -201,17 +263,13 @@ def _parse_literal(source: str) -> Any:
         return json.loads(source, strict=False)
     except (ValueError, RecursionError):
         pass
-    python = _escape_raw_newlines(source)
     try:
-        python = _python_names(python)
-        return ast.literal_eval(python)
+        return ast.literal_eval(_as_python_literal(source))
     except SyntaxError as error:
         where = f"line {error.lineno}, column {error.offset}" if error.lineno else "unknown place"
         raise OutputParseError(
             f"the answer dict has a syntax error at {where}: {error.msg}"
         ) from None
-    except tokenize.TokenError as error:
-        raise OutputParseError(f"the answer dict has a syntax error: {error.args[0]}") from None
     except (ValueError, TypeError) as error:
         raise OutputParseError(
             f"the answer is not a plain literal dict ({error}); write only strings, "
@@ -221,45 +279,53 @@ def _parse_literal(source: str) -> Any:
         raise OutputParseError("the answer dict is nested too deeply to read") from None
 
 
-def _escape_raw_newlines(source: str) -> str:
-    """Escape line breaks inside quoted strings, which Python literals do not allow."""
+# What ends a run of ordinary characters inside a string, and what matters outside strings.
+_STRING_STOPS = {"'": re.compile(r"[\\'\n\r]"), '"': re.compile(r'[\\"\n\r]')}
+_OUTSIDE_STRINGS = re.compile(r"[\"']|[A-Za-z_][A-Za-z0-9_]*")
+_ESCAPED_BREAKS = {"\n": "\\n", "\r": "\\r"}
+
+
+def _as_python_literal(source: str) -> str:
+    """``source`` as a Python literal: line breaks inside strings escaped (Python strings may
+    not hold them) and JSON's true/false/null outside strings turned into Python's names.
+
+    One pass that jumps from one quote, escape or word to the next: linear in time, and with
+    no per-character state (a tokenizer's regular expressions used hundreds of MB on one long
+    string).
+    """
     out: list[str] = []
-    quote = ""
-    index = 0
-    while index < len(source):
-        char = source[index]
-        if quote:
+    index, end = 0, len(source)
+    while index < end:
+        found = _OUTSIDE_STRINGS.search(source, index)
+        if found is None:
+            out.append(source[index:])
+            break
+        out.append(source[index : found.start()])
+        token = found.group()
+        index = found.end()
+        if token not in _STRING_STOPS:
+            out.append(_JSON_NAMES.get(token, token))
+            continue
+        out.append(token)
+        stops = _STRING_STOPS[token]
+        while index < end:
+            stop = stops.search(source, index)
+            if stop is None:
+                # An unclosed string: ast reports it.
+                out.append(source[index:])
+                index = end
+                break
+            out.append(source[index : stop.start()])
+            char = stop.group()
             if char == "\\":
-                out.append(source[index : index + 2])
-                index += 2
-                continue
-            if char == quote:
-                quote = ""
-            elif char == "\n":
-                char = "\\n"
-            elif char == "\r":
-                char = "\\r"
-        elif char in "\"'":
-            quote = char
-        out.append(char)
-        index += 1
+                out.append(source[stop.start() : stop.start() + 2])
+                index = stop.start() + 2
+            else:
+                out.append(_ESCAPED_BREAKS.get(char, char))
+                index = stop.end()
+                if char == token:
+                    break
     return "".join(out)
-
-
-def _python_names(source: str) -> str:
-    """Turn JSON's true/false/null into Python's names, but only outside strings."""
-    # Split exactly as tokenize's reader does, so token rows index the same lines.
-    lines = list(io.StringIO(source))
-    edits: list[tuple[int, int, str]] = []
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.NAME and token.string in _JSON_NAMES:
-            row, col = token.start
-            edits.append((row - 1, col, _JSON_NAMES[token.string]))
-    # Each replacement has the same length as the word it replaces, so offsets stay valid.
-    for row, col, word in edits:
-        line = lines[row]
-        lines[row] = line[:col] + word + line[col + len(word) :]
-    return "".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +348,10 @@ def parse_plan(text: str, *, input_images: int, max_steps: int) -> Plan:
     if not items:
         raise OutputParseError("the plan is empty: 'execution_plan' has no steps")
     if len(items) > max_steps:
-        raise OutputParseError(f"plan has {len(items)} steps; at most {max_steps} are allowed")
+        raise OutputParseError(
+            f"the plan has {len(items):,} steps; at most {max_steps} are allowed "
+            "(the max_steps setting): merge or drop steps"
+        )
 
     steps: list[Step] = []
     # Step numbers whose step draws an image, in order: the targets sources may name.
@@ -336,8 +405,9 @@ _MISSING = object()
 
 
 def _key_list(data: Mapping) -> str:
-    keys = [repr(key) for key in list(data)[:10]]
-    return ", ".join(keys) if keys else "none"
+    keys = [_shown(key) for key in list(data)[:10]]
+    more = f" and {len(data) - 10:,} more" if len(data) > 10 else ""
+    return ", ".join(keys) + more if keys else "none"
 
 
 def _step_number(item: Mapping, label: str) -> int:
@@ -352,7 +422,7 @@ def _step_number(item: Mapping, label: str) -> int:
         # Compare lengths first: int() refuses very long digit strings with a ValueError.
         number = int(digits) if len(digits) <= 9 else MAX_STEP_NUMBER + 1
     if number is None:
-        raise OutputParseError(f"{label} has step_number {value!r}; expected a whole number")
+        raise OutputParseError(f"{label} has step_number {_shown(value)}; expected a whole number")
     if not 1 <= number <= MAX_STEP_NUMBER:
         raise OutputParseError(
             f"{label} has step_number {number}; expected a number from 1 to {MAX_STEP_NUMBER}"
@@ -371,7 +441,12 @@ def _text_field(item: Mapping, key: str, label: str) -> str | None:
         return str(value)
     if not isinstance(value, str):
         raise OutputParseError(f"{label}: '{key}' must be text, not a {type(value).__name__}")
-    return value.strip()
+    if len(value) > MAX_FIELD_CHARS:
+        raise OutputParseError(
+            f"{label}: '{key}' is {len(value):,} characters long; at most {MAX_FIELD_CHARS:,} "
+            "are allowed"
+        )
+    return _well_formed(value.strip())
 
 
 def _nullish(value: str | None) -> str | None:
@@ -392,13 +467,13 @@ def _explicit_sources(
         number = int(digits)
         if kind == "step" and number not in image_steps:
             raise OutputParseError(
-                f"{label} names source {raw!r}, but no earlier step {number} draws an image "
+                f"{label} names source {_shown(raw)}, but no earlier step {number} draws an image "
                 "(sources must be earlier image steps, or 'input:N' for the user's images)"
             )
         if kind == "input" and not 1 <= number <= input_images:
             available = f"1..{input_images}" if input_images else "none were given"
             raise OutputParseError(
-                f"{label} names source {raw!r}, but there is no input image {number} "
+                f"{label} names source {_shown(raw)}, but there is no input image {number} "
                 f"(input images: {available})"
             )
         if source not in sources:
@@ -416,10 +491,10 @@ def _source_name(raw: object, label: str) -> str:
         number, kind = _bounded_int(match.group(2)), match.group(1).lower()
     else:
         raise OutputParseError(
-            f"{label} has source {raw!r}; expected an earlier step number or 'input:N'"
+            f"{label} has source {_shown(raw)}; expected an earlier step number or 'input:N'"
         )
     if not 1 <= number <= MAX_STEP_NUMBER:
-        raise OutputParseError(f"{label} has source {raw!r}, which is out of range")
+        raise OutputParseError(f"{label} has source {_shown(raw)}, which is out of range")
     return f"{kind}:{number}"
 
 
@@ -447,7 +522,14 @@ def parse_verdict(text: str) -> Critique:
         raise OutputParseError(
             f"'refine_prompt' must be text or null, not a {type(refine).__name__}"
         )
-    refine = _nullish(refine.strip() if refine is not None else None)
+    if refine is not None and len(refine) > MAX_FIELD_CHARS:
+        raise OutputParseError(
+            f"'refine_prompt' is {len(refine):,} characters long; at most {MAX_FIELD_CHARS:,} "
+            "are allowed"
+        )
+    refine = _nullish(_well_formed(refine.strip()) if refine is not None else None)
+    if len(reasoning) > MAX_REASONING_CHARS:
+        reasoning = reasoning[:MAX_REASONING_CHARS] + " [... reasoning cut ...]"
 
     return Critique(success=success, refine_prompt=refine, reasoning=reasoning, score=_score(data))
 
@@ -463,10 +545,7 @@ def _verdict_bool(value: object) -> bool:
             return True
         if word in _FALSE_WORDS:
             return False
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    raise OutputParseError(f"'previous_step_success' is {shown}; expected true or false")
+    raise OutputParseError(f"'previous_step_success' is {_shown(value)}; expected true or false")
 
 
 def _score(data: Mapping) -> float | None:
