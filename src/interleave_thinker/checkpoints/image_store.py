@@ -146,6 +146,12 @@ def inspect_image(data: bytes, *, what: str = "image") -> tuple[str, int, int]:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{what} has too many pixels: {exc}", hint="resize the image") from exc
+    except Image.UnidentifiedImageError as exc:
+        # Pillow's own message names an in-memory buffer object, which tells a user nothing.
+        raise ImageError(
+            f"{what} could not be decoded: it is not in an image format Pillow recognises",
+            hint="use a PNG, JPEG or WebP file",
+        ) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(
             f"{what} could not be decoded: {exc}", hint="use a PNG, JPEG or WebP file"
@@ -194,9 +200,29 @@ class ImageStore:
             height=height,
         )
         path = self.path_for(ref)
-        if not (path.exists() and self._matches(path, ref)):
+        if not self._reuse(path, ref):
             write_atomically(path, data, staging=self.staging)
         return ref
+
+    def _reuse(self, path: Path, ref: ImageRef) -> bool:
+        """Whether ``path`` already holds ``ref``; if so its time is set to now.
+
+        ``interleave gc`` keeps unreferenced images while they are young: a fresh time tells it
+        that a run is about to reference this one. If gc removes it first, it is written again.
+        """
+        try:
+            if not self._matches(path, ref):
+                return False
+        except FileNotFoundError:
+            return False
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            # Another user's file in a shared store: it is there, only not ours to touch.
+            pass
+        return True
 
     def put_image(self, image: Image.Image) -> ImageRef:
         """Store a PIL image as PNG."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from interleave_thinker.checkpoints.image_store import (
     STAGING_DIR,
@@ -22,6 +23,33 @@ def generation_key(**fields: object) -> str:
     """A deterministic key for a generator request: sha256 of its canonical JSON fields."""
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class LedgerRecord(BaseModel):
+    """One ledger file: the image a generator call produced and the thread that made the call.
+
+    The thread lets ``interleave gc`` drop the records of deleted threads. Files written before
+    it was stored hold a bare ``ImageRef``; they read back with ``thread_id`` None.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    thread_id: str | None = None
+    image: ImageRef
+
+
+def parse_record(data: bytes) -> LedgerRecord:
+    """Read a ledger file's bytes, in either layout; raise ValueError if they are not a record."""
+    try:
+        return LedgerRecord.model_validate_json(data)
+    except ValidationError:
+        # The earlier layout: the ImageRef alone.
+        return LedgerRecord(image=ImageRef.model_validate_json(data))
+
+
+def is_generation_key(name: str) -> bool:
+    """Whether ``name`` is a generation key: 64 lowercase hex digits."""
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
 class GenerationLedger:
@@ -41,7 +69,7 @@ class GenerationLedger:
         return sweep_abandoned_writes(self.staging)
 
     def _path(self, key: str) -> Path:
-        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        if not is_generation_key(key):
             raise ValueError(f"generation key {key!r} is not a sha256 hex digest")
         return self.root / key[:2] / f"{key}.json"
 
@@ -49,11 +77,23 @@ class GenerationLedger:
         """The image recorded for ``key``, or None if it was never recorded or its file is gone."""
         path = self._path(key)
         try:
-            ref = ImageRef.model_validate_json(path.read_bytes())
-        except (OSError, ValidationError, ValueError):
+            ref = parse_record(path.read_bytes()).image
+        except (OSError, ValueError):
             return None
+        # Fresh times tell `interleave gc` that a run is about to use both again. The image is
+        # touched before it is checked: if gc took it away in between, it is drawn again.
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        try:
+            os.utime(self.store.path_for(ref))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            pass
         # A record whose image was lost or damaged is as good as none: draw it again.
         return ref if self.store.contains(ref) else None
 
-    def record(self, key: str, ref: ImageRef) -> None:
-        write_atomically(self._path(key), ref.model_dump_json().encode(), staging=self.staging)
+    def record(self, key: str, ref: ImageRef, *, thread_id: str | None = None) -> None:
+        """Record that the call ``key`` of thread ``thread_id`` produced ``ref``."""
+        data = LedgerRecord(thread_id=thread_id, image=ref).model_dump_json().encode()
+        write_atomically(self._path(key), data, staging=self.staging)

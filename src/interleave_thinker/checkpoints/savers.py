@@ -12,6 +12,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.settings import redact_url
 from interleave_thinker.state import STATE_RECORD_TYPES
 
 SaverFactory = Callable[[str], AbstractAsyncContextManager[BaseCheckpointSaver]]
@@ -40,7 +41,7 @@ def open_checkpointer(url: str) -> AbstractAsyncContextManager[BaseCheckpointSav
     factory = _FACTORIES.get(scheme)
     if factory is None:
         raise ConfigurationError(
-            f"checkpointer URL {url!r} has an unknown scheme {scheme!r}",
+            f"checkpointer URL {redact_url(url)!r} has an unknown scheme {scheme!r}",
             hint="use sqlite:///PATH, memory:// or postgresql://USER@HOST/DATABASE; known schemes: "
             + ", ".join(sorted(_FACTORIES)),
         )

@@ -13,6 +13,7 @@ from langchain_core.runnables import Runnable
 from pydantic import BaseModel
 
 from interleave_thinker.errors import ConfigurationError, InterleaveError
+from interleave_thinker.settings import redact_url
 
 __all__ = [
     "API_KEY_ENV",
@@ -254,7 +255,7 @@ def _needs_check(response: Any) -> bool:
 
 
 def _check_body(response: Any) -> None:
-    where = str(response.request.url)
+    where = redact_url(str(response.request.url))
     hint = "check that base_url is the server's OpenAI-compatible /v1 endpoint and that it is healthy"
     try:
         data = json.loads(response.content)

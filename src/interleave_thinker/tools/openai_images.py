@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from interleave_thinker.checkpoints.image_store import encode_png
 from interleave_thinker.errors import ConfigurationError, GeneratorError, TransientGeneratorError
+from interleave_thinker.settings import redact_url
 from interleave_thinker.tools.base import GenerationJob
 
 __all__ = ["OpenAIImagesGenerator"]
@@ -94,7 +95,9 @@ class OpenAIImagesGenerator:
         self.max_concurrency = max_concurrency
         self._api_key = api_key or _env_key() or "EMPTY"
         self._http_client = http_client
-        self.identity = f"openai-images:{base_url or 'api.openai.com'}:{model}"
+        # Stored in threads and shown in reports: credentials in the URL are masked.
+        shown_url = redact_url(base_url) if base_url else "api.openai.com"
+        self.identity = f"openai-images:{shown_url}:{model}"
         if self.extra_body:
             # Server settings such as steps or guidance change the pixels, so they name the backend too.
             self.identity += f" ({json.dumps(self.extra_body, sort_keys=True, default=str)})"
@@ -187,6 +190,10 @@ class OpenAIImagesGenerator:
             else:
                 response = await client.images.generate(**kwargs)
         except openai.APIStatusError as exc:
+            if exc.status_code in (401, 403):
+                # The SDK's error holds the server's reply whole, and a careless server repeats
+                # the key it was sent; ours says all of it, with the key masked.
+                raise self._status_error(exc, job) from None
             raise self._status_error(exc, job) from exc
         except openai.APITimeoutError as exc:
             raise TransientGeneratorError(
@@ -195,19 +202,19 @@ class OpenAIImagesGenerator:
             ) from exc
         except openai.APIConnectionError as exc:
             raise TransientGeneratorError(
-                f"{self._where(job)}: cannot reach the image server at {self._url()} "
+                f"{self._where(job)}: cannot reach the image server at {self._shown_url()} "
                 f"({self.max_retries} retries): {_cause(exc)}"
             ) from exc
         except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
             # The SDK lets a bare JSONDecodeError out when a 200's body is not JSON.
             raise GeneratorError(
                 f"{self._where(job)}: the image server's reply is not JSON: {_first_line(exc)}",
-                hint=f"check that {self._url()} is an OpenAI-compatible Images API",
+                hint=f"check that {self._shown_url()} is an OpenAI-compatible Images API",
             ) from exc
         return self._decode(response, n, job)
 
     def _decode(self, response: Any, n: int, job: GenerationJob) -> list[bytes]:
-        hint = f"check that {self._url()} is an OpenAI-compatible Images API"
+        hint = f"check that {self._shown_url()} is an OpenAI-compatible Images API"
         data = getattr(response, "data", None)
         if not isinstance(data, list):
             raise GeneratorError(f"{self._where(job)}: the image server's reply has no image data", hint=hint)
@@ -233,7 +240,10 @@ class OpenAIImagesGenerator:
     def _status_error(self, exc: Any, job: GenerationJob) -> Exception:
         status = exc.status_code
         where = self._where(job)
+        # A careless server may repeat the key it was sent; the message must not.
         message = _server_message(exc)
+        if len(self._api_key) >= 8:
+            message = message.replace(self._api_key, "***")
         code = str(getattr(exc, "code", None) or "")
         if status == 400 and (code in _REFUSAL_CODES or any(word in message for word in _REFUSAL_CODES)):
             return GeneratorError(
@@ -243,12 +253,13 @@ class OpenAIImagesGenerator:
             )
         if status in (401, 403):
             return GeneratorError(
-                f"{where}: the image server at {self._url()} refused the API key (HTTP {status}): {message}",
+                f"{where}: the image server at {self._shown_url()} refused the API key "
+                f"(HTTP {status}): {message}",
                 hint="set INTERLEAVE_API_KEY (or OPENAI_API_KEY) to a key this server accepts",
             )
         if status == 404:
             return GeneratorError(
-                f"{where}: the image server at {self._url()} has no model {self.model!r} "
+                f"{where}: the image server at {self._shown_url()} has no model {self.model!r} "
                 f"(HTTP 404): {message}",
                 hint="check the model name (vllm-omni serves the name it was started with) and base_url",
             )
@@ -291,6 +302,10 @@ class OpenAIImagesGenerator:
 
     def _url(self) -> str:
         return self.base_url or OPENAI_URL
+
+    def _shown_url(self) -> str:
+        """The server URL for messages, with any credentials in it masked."""
+        return redact_url(self._url())
 
     def _where(self, job: GenerationJob) -> str:
         parts = [f"step {job.step}", f"attempt {job.attempt}"]
