@@ -96,7 +96,7 @@ async def test_coalescing_batches_orders_and_propagates_errors() -> None:
     merged = CoalescingGenerator(inner, max_batch=3, max_wait=0.5)
     jobs = [GenerationJob(prompt=f"p{n}", seed=n, width=16, height=16) for n in range(7)]
     results = await asyncio.gather(*(merged.agenerate([job]) for job in jobs))
-    # Full batches go at once; the remainder waits for max_wait.
+    # Full batches go one call at a time; the remainder goes as soon as the backend is free.
     assert inner.batch_sizes == [3, 3, 1] and merged.backend_calls == 3
     alone = await RecordingGenerator().agenerate(jobs)
     assert [r[0].tobytes() for r in results] == [image.tobytes() for image in alone]
@@ -111,6 +111,63 @@ async def test_coalescing_batches_orders_and_propagates_errors() -> None:
     assert all(isinstance(o, RuntimeError) for o in outcomes)
 
 
+class SlowBackend(RecordingGenerator):
+    """One call takes ``seconds``; records how many calls ever ran at once."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.running = 0
+        self.most_at_once = 0
+
+    async def agenerate(self, jobs):  # type: ignore[no-untyped-def]
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await asyncio.sleep(self.seconds)
+            return await super().agenerate(jobs)
+        finally:
+            self.running -= 1
+
+
+async def _staggered(merged: CoalescingGenerator, count: int, every: float) -> None:
+    """``count`` single-job requests, one every ``every`` seconds, as trajectories send them."""
+    async def one(n: int) -> None:
+        await asyncio.sleep(n * every)
+        await merged.agenerate([GenerationJob(prompt=f"p{n}", seed=n, width=8, height=8)])
+
+    await asyncio.gather(*(one(n) for n in range(count)))
+
+
+async def test_jobs_gather_while_the_backend_is_busy() -> None:
+    # Eleven jobs arrive over 0.4 s; the first call starts after max_wait (0.1 s) and takes
+    # 0.6 s, so every later job arrives while it runs.
+    backend = SlowBackend(seconds=0.6)
+    merged = CoalescingGenerator(backend, max_batch=16, max_wait=0.1, max_in_flight=1)
+    await _staggered(merged, count=11, every=0.04)
+    # What gathered during the first call goes in one second call, not in one call per wait.
+    assert len(backend.batch_sizes) == 2 and sum(backend.batch_sizes) == 11
+    assert backend.most_at_once == 1
+    assert sorted(job.seed for job in backend.jobs) == list(range(11))
+
+    # Without a limit every max_wait sends what has gathered: small calls pile up at once.
+    unbounded = SlowBackend(seconds=0.6)
+    merged = CoalescingGenerator(unbounded, max_batch=16, max_wait=0.1, max_in_flight=None)
+    await _staggered(merged, count=11, every=0.04)
+    assert len(unbounded.batch_sizes) >= 3 and unbounded.most_at_once >= 3
+
+
+async def test_two_calls_in_flight_and_max_batch_still_bound_each_call() -> None:
+    backend = SlowBackend(seconds=0.3)
+    merged = CoalescingGenerator(backend, max_batch=4, max_wait=0.05, max_in_flight=2)
+    jobs = [GenerationJob(prompt=f"p{n}", seed=n, width=8, height=8) for n in range(10)]
+    await asyncio.gather(*(merged.agenerate([job]) for job in jobs))
+    # Two full calls at once; the two left over go when the first call ends.
+    assert backend.batch_sizes == [4, 4, 2] and backend.most_at_once == 2
+    with pytest.raises(ValueError, match="max_in_flight"):
+        CoalescingGenerator(backend, max_in_flight=0)
+
+
 def test_thread_ids_and_shards_are_stable_and_valid() -> None:
     for prompt_id in ["a", "../../etc", "spaces and ünïcode", "x" * 500, "c/../x"]:
         thread = thread_id_for(prompt_id)
@@ -121,15 +178,17 @@ def test_thread_ids_and_shards_are_stable_and_valid() -> None:
     assert sum(counts) == 200 and min(counts) > 40
 
 
-def test_read_prompt_file_refuses_missing_and_non_utf8(tmp_path: Path) -> None:
+def test_read_prompt_file_refuses_a_missing_file_and_a_non_utf8_line(tmp_path: Path) -> None:
     from interleave_thinker.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="does not exist"):
         read_prompt_file(tmp_path / "nope.jsonl")
+    # A line that is not UTF-8 is one bad line; the file's other lines are still read.
     latin = tmp_path / "latin.jsonl"
-    latin.write_bytes(b'{"id": "a", "text": "caf\xe9"}\n')
-    with pytest.raises(ConfigurationError, match="UTF-8"):
-        read_prompt_file(latin)
+    latin.write_bytes(b'{"id": "a", "text": "caf\xe9"}\n{"id": "b", "text": "tea"}\n')
+    prompts, bad = read_prompt_file(latin)
+    assert [item.prompt.id for item in prompts] == ["b"]
+    assert [line.line for line in bad] == [1] and "not UTF-8" in bad[0].error
 
 
 def test_batch_cli_reports_bad_lines_and_writes_index(tmp_path: Path,
@@ -143,3 +202,18 @@ def test_batch_cli_reports_bad_lines_and_writes_index(tmp_path: Path,
     assert "3 finished, 0 failed, 1 invalid lines" in result.stderr
     index = Path(result.stdout.strip().splitlines()[-1])
     assert index.is_file() and index.read_text().count("<a href=") == 3
+
+
+def test_batch_cli_traces_every_thread_to_the_trace_file(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INTERLEAVE_RUN_DIR", str(tmp_path / "runs"))
+    prompts = _prompt_file(tmp_path, count=3)
+    trace = tmp_path / "trace.jsonl"
+    result = CliRunner().invoke(app, ["batch", str(prompts), "--profile", "test", "--size", "32x32",
+                                      "--trace-file", str(trace)])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    traced = {r["metadata"].get("thread_id") for r in records}
+    assert {thread_id_for(f"p{n}") for n in range(3)} <= traced
+    # Images appear as references: no pixels in the trace.
+    assert "iVBOR" not in trace.read_text() and "base64," not in trace.read_text()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from interleave_thinker.context import Backends
 from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
-from interleave_thinker.runner import arun, aresume
+from interleave_thinker.runner import aresume, arun
 from interleave_thinker.state import RunOptions
 from interleave_thinker.tools.base import GenerationJob
 from interleave_thinker.tools.test_generator import TestImageGenerator

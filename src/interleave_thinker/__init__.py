@@ -1,16 +1,20 @@
 """Interleaved text-image generation: planner, generator and critic on a resumable LangGraph."""
 
-from interleave_thinker.context import Backends, Context
+from interleave_thinker.context import Backends, Context, Timeouts
 from interleave_thinker.errors import (
     ConfigurationError,
     GeneratorError,
     ImageError,
     InterleaveError,
+    ModelCallError,
     ModelOutputError,
+    ModelTimeoutError,
     SettingsMismatchError,
     TransientGeneratorError,
+    TransientModelError,
     UnknownThreadError,
 )
+from interleave_thinker.gc import GcReport, acollect_garbage, collect_garbage
 from interleave_thinker.graph import build_graph
 from interleave_thinker.runner import (
     RunResult,
@@ -43,28 +47,35 @@ __all__ = [
     "Context",
     "Critique",
     "Document",
+    "GcReport",
     "GenerationJob",
     "GeneratorError",
     "ImageError",
     "ImageGenerator",
     "ImageRef",
     "InterleaveError",
+    "ModelCallError",
     "ModelOutputError",
     "ModelSettings",
+    "ModelTimeoutError",
     "Plan",
     "Request",
     "RunOptions",
     "RunResult",
     "SettingsMismatchError",
     "Step",
+    "Timeouts",
     "TransientGeneratorError",
+    "TransientModelError",
     "UnknownThreadError",
+    "acollect_garbage",
     "alist_threads",
     "aload_document",
     "aresume",
     "arun",
     "athread_report",
     "build_graph",
+    "collect_garbage",
     "load_document",
     "load_model_settings",
     "resume",

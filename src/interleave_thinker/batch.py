@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from langchain_core.callbacks import Callbacks
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from interleave_thinker.checkpoints.image_store import write_atomically
-from interleave_thinker.context import Backends
+from interleave_thinker.context import Backends, Timeouts
 from interleave_thinker.errors import ConfigurationError, InterleaveError
+from interleave_thinker.input_files import read_user_file
 from interleave_thinker.runner import (
     Workspace,
     choose_backends,
@@ -27,11 +29,13 @@ from interleave_thinker.runner import (
     write_html,
 )
 from interleave_thinker.settings import ModelSettings
-from interleave_thinker.state import Request, RunOptions
+from interleave_thinker.state import Request, RunOptions, request_text_problem
 from interleave_thinker.tools.coalescing import CoalescingGenerator
 
 # A prompt file line longer than this is refused rather than parsed.
 MAX_LINE_CHARS = 1_000_000
+# The whole file is read at once; a bigger one is most likely not a prompt file.
+MAX_PROMPT_FILE_BYTES = 1024**3
 
 
 class BatchPrompt(BaseModel):
@@ -42,6 +46,15 @@ class BatchPrompt(BaseModel):
     id: str = Field(min_length=1, max_length=512)
     text: str = Field(min_length=1)
     images: list[str] = Field(default_factory=list)
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _acceptable_text(cls, value: object) -> object:
+        # The same rules as a request from the CLI or the API, so a bad text is a bad line.
+        problem = request_text_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise ValueError(problem[0])
+        return value
 
 
 @dataclass(frozen=True)
@@ -70,27 +83,34 @@ class PromptOutcome:
 
 
 def read_prompt_file(path: Path) -> tuple[list[PromptLine], list[BadLine]]:
-    """Valid prompts and bad lines (with what is wrong), in file order; blank lines are skipped."""
-    try:
-        raw_lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise ConfigurationError(f"prompt file {path} does not exist") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigurationError(
-            f"prompt file {path} is not UTF-8 text", hint="save it as UTF-8 JSON lines"
-        ) from exc
+    """Valid prompts and bad lines (with what is wrong), in file order; blank lines are skipped.
+
+    Each line is decoded on its own, so a line that is not UTF-8 is one bad line, not a bad file.
+    """
+    data = read_user_file(
+        path,
+        what="prompt file",
+        max_bytes=MAX_PROMPT_FILE_BYTES,
+        hint="pass a JSON-lines file: one {\"id\": ..., \"text\": ...} object per line",
+    )
     prompts: list[PromptLine] = []
     bad: list[BadLine] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
+    # Lines end at \n only (with an optional \r): JSON strings may hold other line separators.
+    for number, raw_bytes in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        raw_bytes = raw_bytes.removesuffix(b"\r")
+        if not raw_bytes.strip():
             continue
         try:
-            if len(raw) > MAX_LINE_CHARS:
-                raise ValueError(f"the line is over {MAX_LINE_CHARS} characters")
+            if len(raw_bytes) > MAX_LINE_CHARS:
+                raise ValueError(f"the line is over {MAX_LINE_CHARS:,} bytes")
+            raw = _decode_line(raw_bytes)
             prompt = BatchPrompt.model_validate(json.loads(raw))
         except (ValueError, ValidationError) as exc:
             bad.append(BadLine(number, _one_line(exc)))
+            continue
+        except RecursionError:
+            bad.append(BadLine(number, "the JSON is nested too deeply"))
             continue
         if prompt.id in seen:
             bad.append(BadLine(number, f"id {prompt.id!r} was already used on line {seen[prompt.id]}"))
@@ -100,11 +120,21 @@ def read_prompt_file(path: Path) -> tuple[list[PromptLine], list[BadLine]]:
     return prompts, bad
 
 
+def _decode_line(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"the line is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+            "save the file as UTF-8"
+        ) from exc
+
+
 def _one_line(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "line"
-        return f"{where}: {first['msg']}"
+        return f"{where}: {first['msg'].removeprefix('Value error, ')}"
     return " ".join(str(exc).split())
 
 
@@ -123,12 +153,16 @@ def thread_id_for(prompt_id: str) -> str:
 
 def parse_shard(text: str) -> tuple[int, int]:
     """'I/N' with 0 <= I < N, as in --shard 0/2."""
-    index, sep, count = text.partition("/")
-    if not sep or not index.isdigit() or not count.isdigit() or not 0 <= int(index) < int(count):
+    # ASCII digits only, and few of them: int() refuses '²' and numbers of thousands of digits.
+    match = _SHARD.fullmatch(text)
+    if match is None or not int(match["index"]) < int(match["count"]):
         raise ConfigurationError(
-            f"--shard {text!r} is not I/N with 0 <= I < N", hint="for two machines: 0/2 and 1/2"
+            f"--shard {text[:40]!r} is not I/N with 0 <= I < N", hint="for two machines: 0/2 and 1/2"
         )
-    return int(index), int(count)
+    return int(match["index"]), int(match["count"])
+
+
+_SHARD = re.compile(r"(?P<index>[0-9]{1,9})/(?P<count>[0-9]{1,9})")
 
 
 def in_shard(prompt_id: str, shard: tuple[int, int]) -> bool:
@@ -164,22 +198,40 @@ async def arun_batch(
     shard: tuple[int, int] = (0, 1),
     max_batch: int = 8,
     max_wait: float = 0.05,
+    max_in_flight: int | None = 1,
     run_dir: str | os.PathLike[str] | None = None,
     checkpointer: str | None = None,
     on_progress: ProgressHandler | None = None,
+    callbacks: Callbacks = None,
+    timeouts: Timeouts | None = None,
 ) -> BatchReport:
-    """Run every prompt of the shard; finished threads are skipped, unfinished ones resumed."""
+    """Run every prompt of the shard; finished threads are skipped, unfinished ones resumed.
+
+    ``timeouts`` bound each call as in ``arun``; a generator call includes the wait for the
+    merged batch it joins.
+    """
     if concurrency < 1:
         raise ConfigurationError("--concurrency must be at least 1")
+    if max_batch < 1:
+        raise ConfigurationError("--max-batch must be at least 1")
+    if max_in_flight is not None and max_in_flight < 1:
+        raise ConfigurationError(
+            "--max-in-flight must be at least 1",
+            hint="for no limit: 0 on the command line, None in Python",
+        )
     path = Path(prompt_file)
     prompts, bad_lines = read_prompt_file(path)
     mine = [item for item in prompts if in_shard(item.prompt.id, shard)]
     workspace = Workspace.open(run_dir, checkpointer)
     profile_name, backends = choose_backends(profile, backends, model_settings)
     settings = make_settings(profile_name, backends, options)
-    coalescing = CoalescingGenerator(backends.generator, max_batch=max_batch, max_wait=max_wait)
+    # One backend call at a time by default (one GPU): requests gather while it runs.
+    coalescing = CoalescingGenerator(
+        backends.generator, max_batch=max_batch, max_wait=max_wait, max_in_flight=max_in_flight
+    )
     context = workspace.context(
-        Backends(planner=backends.planner, critic=backends.critic, generator=coalescing)
+        Backends(planner=backends.planner, critic=backends.critic, generator=coalescing),
+        Timeouts.chosen(timeouts, model_settings),
     )
     notify = on_progress or (lambda _: None)
     notify({"event": "batch", "total": len(mine), "bad_lines": len(bad_lines)})
@@ -195,7 +247,9 @@ async def arun_batch(
                     text=item.prompt.text,
                     images=tuple(store_input_images(workspace.image_store, images)),
                 )
-                document = await run_thread(graph, thread_id, request, settings, context)
+                document = await run_thread(
+                    graph, thread_id, request, settings, context, callbacks=callbacks
+                )
                 page = write_html(workspace, thread_id, document)
                 outcome = PromptOutcome(
                     item.prompt.id, item.line, thread_id, "done", str(page),

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -28,8 +29,11 @@ from interleave_thinker.events import (
     ThreadStarted,
     Verdict,
 )
+from interleave_thinker.input_files import read_user_file, shown_path
 from interleave_thinker.models.profiles import PROFILE_NOTES
 from interleave_thinker.render import export_document
+from interleave_thinker.render.export import run_dir_data
+from interleave_thinker.render.safe_text import terminal_text
 from interleave_thinker.runner import (
     RUN_DIR_ENV,
     RunResult,
@@ -43,6 +47,8 @@ from interleave_thinker.runner import (
 from interleave_thinker.settings import QUIET_LIBRARIES_ENV, load_model_settings
 from interleave_thinker.state import RunOptions, SelectionPolicy
 
+# An edited plan is a few KB; the planner's own replies are read up to this size too.
+MAX_PLAN_BYTES = 1_000_000
 # Small images keep the demo's tiny FLUX.2-klein fast on a CPU.
 DEMO_OPTIONS = RunOptions(width=64, height=64)
 
@@ -55,9 +61,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+class _SafeConsole(Console):
+    """A console whose printed strings lose control characters: model text (a step name, a
+    critique) cannot drive the terminal with escape sequences."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(terminal_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
 # Progress and errors go to stderr so that stdout stays machine-readable.
-err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
-out = Console(markup=False, highlight=False, soft_wrap=True)
+err = _SafeConsole(stderr=True, markup=False, highlight=False, soft_wrap=True)
+out = _SafeConsole(markup=False, highlight=False, soft_wrap=True)
 
 RunDirOption = Annotated[
     Path | None,
@@ -99,6 +114,22 @@ GeneratorUrlOption = Annotated[
     typer.Option("--generator-url", help="OpenAI-compatible Images API (e.g. vllm-omni .../v1)."),
 ]
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
+GeneratorTimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--generator-timeout",
+        help="Seconds one batched generator call may take before it counts as hung and is "
+        "retried (default 900; not part of the thread's settings).",
+    ),
+]
+ModelTimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--model-timeout",
+        help="Seconds one planner or critic reply may take before it counts as hung and is "
+        "retried (default 600; not part of the thread's settings).",
+    ),
+]
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", help="TOML settings file (also $INTERLEAVE_CONFIG)."),
@@ -206,12 +237,19 @@ def _selection(value: str | None) -> SelectionPolicy | None:
 
 
 def _parse_size(size: str) -> tuple[int, int]:
-    width, sep, height = size.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
+    # ASCII digits only, and few of them: str.isdigit() accepts '²', which int() refuses, and
+    # int() refuses strings of thousands of digits; RunOptions then checks the range.
+    match = _SIZE.fullmatch(size)
+    numbers = [part.lstrip("0") or "0" for part in match.groups()] if match else []
+    if not numbers or any(len(number) > 6 for number in numbers):
+        shown = repr(size) if len(repr(size)) <= 50 else repr(size)[:47] + "..."
         raise ConfigurationError(
-            f"--size {size!r} is not WIDTHxHEIGHT", hint="for example --size 1024x1024"
+            f"--size {shown} is not WIDTHxHEIGHT", hint="for example --size 1024x1024"
         )
-    return int(width), int(height)
+    return int(numbers[0]), int(numbers[1])
+
+
+_SIZE = re.compile(r"([0-9]+)[xX]([0-9]+)")
 
 
 class _Progress:
@@ -307,6 +345,8 @@ def run(
     generator_url: GeneratorUrlOption = None,
     device: DeviceOption = None,
     config: ConfigOption = None,
+    generator_timeout: GeneratorTimeoutOption = None,
+    model_timeout: ModelTimeoutOption = None,
     max_attempts: MaxAttemptsOption = None,
     max_calls: MaxCallsOption = None,
     seed: SeedOption = None,
@@ -368,6 +408,8 @@ def run(
                     critic_url=critic_url,
                     generator_url=generator_url,
                     device=device,
+                    generator_timeout=generator_timeout,
+                    model_timeout=model_timeout,
                 ),
                 options=options,
                 thread_id=thread,
@@ -445,14 +487,30 @@ def _review_answer(
 
 
 def _read_plan(path: Path) -> dict[str, Any]:
+    hint = "fix the JSON and resume again"
+    # Bounded and non-blocking: a FIFO or /dev/zero given as --plan must not hang the command.
+    data = read_user_file(path, what="the edited plan", max_bytes=MAX_PLAN_BYTES, hint=hint)
     try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        plan = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
         raise ConfigurationError(
-            f"cannot read the edited plan {path}: {exc}", hint="fix the JSON and resume again"
+            f"the edited plan {shown_path(path)} is not UTF-8 text (byte 0x{data[exc.start]:02x} "
+            f"at offset {exc.start})",
+            hint="save the plan as UTF-8 and resume again",
+        ) from exc
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"cannot read the edited plan {shown_path(path)}: {exc}", hint=hint
+        ) from exc
+    except RecursionError as exc:
+        raise ConfigurationError(
+            f"the edited plan {shown_path(path)} is nested too deeply", hint=hint
         ) from exc
     if not isinstance(plan, dict):
-        raise ConfigurationError(f"the edited plan {path} is not a JSON object")
+        raise ConfigurationError(
+            f"the edited plan {shown_path(path)} is not a JSON object",
+            hint='keep the form {"execution_plan": [...]} you were given and resume again',
+        )
     return plan
 
 
@@ -471,6 +529,8 @@ def resume(
     generator_url: GeneratorUrlOption = None,
     device: DeviceOption = None,
     config: ConfigOption = None,
+    generator_timeout: GeneratorTimeoutOption = None,
+    model_timeout: ModelTimeoutOption = None,
     max_attempts: MaxAttemptsOption = None,
     max_calls: MaxCallsOption = None,
     seed: SeedOption = None,
@@ -521,6 +581,8 @@ def resume(
                     critic_url=critic_url,
                     generator_url=generator_url,
                     device=device,
+                    generator_timeout=generator_timeout,
+                    model_timeout=model_timeout,
                 ),
                 changes=changes,
                 review=_review_answer(plan, accept_plan, keep, accept_forced),
@@ -577,6 +639,15 @@ def batch(
     max_batch: Annotated[
         int, typer.Option("--max-batch", help="Most generator jobs merged into one call.")
     ] = 8,
+    max_in_flight: Annotated[
+        int,
+        typer.Option(
+            "--max-in-flight",
+            min=0,
+            help="Generator calls running at once; jobs gather into the next batch meanwhile "
+            "(1: one GPU; 0: no limit, for a server that takes concurrent calls).",
+        ),
+    ] = 1,
     run_dir: RunDirOption = None,
     checkpointer: CheckpointerOption = None,
     profile: ProfileOption = None,
@@ -588,12 +659,15 @@ def batch(
     generator_url: GeneratorUrlOption = None,
     device: DeviceOption = None,
     config: ConfigOption = None,
+    generator_timeout: GeneratorTimeoutOption = None,
+    model_timeout: ModelTimeoutOption = None,
     max_attempts: MaxAttemptsOption = None,
     max_calls: MaxCallsOption = None,
     seed: SeedOption = None,
     selection: SelectionOption = None,
     size: SizeOption = None,
     output_mode: OutputModeOption = None,
+    trace_file: TraceFileOption = None,
 ) -> None:
     """Run every prompt of a file as its own thread; rerunning resumes and skips finished ones."""
     from interleave_thinker.batch import arun_batch, parse_shard
@@ -619,14 +693,18 @@ def batch(
                     critic_url=critic_url,
                     generator_url=generator_url,
                     device=device,
+                    generator_timeout=generator_timeout,
+                    model_timeout=model_timeout,
                 ),
                 options=options,
                 concurrency=concurrency,
                 shard=parse_shard(shard),
                 max_batch=max_batch,
+                max_in_flight=max_in_flight or None,
                 run_dir=run_dir,
                 checkpointer=checkpointer,
                 on_progress=progress.update,
+                callbacks=_callbacks(trace_file),
             )
         )
     for bad in report.bad_lines:
@@ -780,9 +858,56 @@ def export(
     target = output or workspace.document_path(thread).with_suffix(f".{fmt}")
     chosen: Literal["html", "md", "json"] = fmt  # type: ignore[assignment]
     path = export_document(
-        document, workspace.image_store, thread_id=thread, fmt=chosen, out=target
+        document, workspace.image_store, thread_id=thread, fmt=chosen, out=target,
+        protected=run_dir_data(workspace.run_dir, workspace.checkpointer_url),
     )
     out.print(str(path))
+
+
+@app.command("gc")
+@_reports_errors
+def collect_garbage(
+    run_dir: RunDirOption = None,
+    checkpointer: CheckpointerOption = None,
+    delete: Annotated[
+        bool, typer.Option("--delete", help="Remove what is found (without it: a dry run).")
+    ] = False,
+    min_age: Annotated[
+        str,
+        typer.Option(
+            "--min-age",
+            help="Keep unused files younger than this (30m, 1h, 2d): a running process may be "
+            "about to reference them.",
+        ),
+    ] = "1h",
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Remove even when the checkpointer uses none of the images (every thread "
+            "deleted); without it gc refuses, as a wrong --checkpointer looks the same.",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List every file.")] = False,
+) -> None:
+    """Remove images and ledger records that no thread references (a dry run unless --delete)."""
+    from interleave_thinker.gc import acollect_garbage, parse_duration
+
+    report = asyncio.run(
+        acollect_garbage(
+            run_dir=run_dir,
+            checkpointer=checkpointer,
+            delete=delete,
+            min_age_s=parse_duration(min_age),
+            allow_empty=allow_empty,
+        )
+    )
+    if as_json:
+        out.print(json.dumps(report.as_json(), indent=2))
+        return
+    for line in report.summary(verbose=verbose):
+        out.print(line)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,20 @@ from langchain_core.callbacks import Callbacks
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, StateSnapshot
 
-from interleave_thinker.checkpoints.image_store import ImageStore, write_atomically
+from interleave_thinker.checkpoints import image_store
+from interleave_thinker.checkpoints.image_store import (
+    STAGING_DIR,
+    ImageStore,
+    sweep_abandoned_writes,
+    write_atomically,
+)
 from interleave_thinker.checkpoints.ledger import GenerationLedger
 from interleave_thinker.checkpoints.savers import (
     default_checkpointer_url,
     list_thread_ids,
     open_checkpointer,
 )
-from interleave_thinker.context import Backends, Context, model_identity
+from interleave_thinker.context import Backends, Context, Timeouts, model_identity
 from interleave_thinker.errors import (
     ConfigurationError,
     ImageError,
@@ -34,10 +40,11 @@ from interleave_thinker.errors import (
 )
 from interleave_thinker.events import ProgressEvent, ThreadStarted, parse_event
 from interleave_thinker.graph import build_graph
+from interleave_thinker.input_files import read_user_file, shown_path
 from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
 from interleave_thinker.nodes.review import REVIEW_KINDS, check_review_answer
 from interleave_thinker.render.html import render_html
-from interleave_thinker.settings import ModelSettings
+from interleave_thinker.settings import ModelSettings, redact_url
 from interleave_thinker.state import (
     Document,
     ImageRef,
@@ -46,6 +53,7 @@ from interleave_thinker.state import (
     RunSettings,
     TrajectoryState,
     fingerprint_differences,
+    request_text_problem,
 )
 
 RUN_DIR_ENV = "INTERLEAVE_RUN_DIR"
@@ -88,13 +96,20 @@ class Workspace:
     def image_store(self) -> ImageStore:
         return ImageStore(self.run_dir / "images")
 
-    def context(self, backends: Backends) -> Context:
+    def context(self, backends: Backends, timeouts: Timeouts | None = None) -> Context:
         store = self.image_store
         ledger = GenerationLedger(self.run_dir / "generations", store)
         # Writes a killed run left half-done are cleared before new ones start.
         store.sweep_abandoned_writes()
         ledger.sweep_abandoned_writes()
-        return Context(backends=backends, image_store=store, ledger=ledger)
+        return Context(
+            backends=backends, image_store=store, ledger=ledger, timeouts=timeouts or Timeouts()
+        )
+
+    @property
+    def documents_staging(self) -> Path:
+        """Where document pages are written before their rename into place."""
+        return self.run_dir / "documents" / STAGING_DIR
 
     def document_path(self, thread_id: str) -> Path:
         return self.run_dir / "documents" / validate_thread_id(thread_id) / "document.html"
@@ -107,12 +122,31 @@ class Workspace:
 
 def validate_thread_id(thread_id: str) -> str:
     """Thread ids become folder names: letters, digits, '.', '_' and '-' only, 128 at most."""
-    if not THREAD_ID_PATTERN.fullmatch(thread_id):
+    if not isinstance(thread_id, str) or not THREAD_ID_PATTERN.fullmatch(thread_id):
         raise ConfigurationError(
-            f"thread id {thread_id!r} is not allowed",
+            f"thread id {_shown_id(thread_id)} is not allowed: {_thread_id_problem(thread_id)}",
             hint="use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
     return thread_id
+
+
+def _shown_id(thread_id: object) -> str:
+    text = repr(thread_id)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _thread_id_problem(thread_id: object) -> str:
+    if not isinstance(thread_id, str):
+        return f"it is a {type(thread_id).__name__}, not a string"
+    if not thread_id:
+        return "it is empty"
+    if len(thread_id) > 128:
+        return f"it is {len(thread_id)} characters long"
+    for char in thread_id:
+        if not (char.isascii() and (char.isalnum() or char in "._-")):
+            # Non-ASCII letters are refused too: look-alikes (Cyrillic 'а') would name other folders.
+            return f"it contains {char!r} (U+{ord(char):04X})"
+    return "it must start with a letter or digit"
 
 
 def new_thread_id() -> str:
@@ -130,15 +164,60 @@ def make_settings(profile: str, backends: Backends, options: RunOptions | None) 
 
 
 def store_input_images(store: ImageStore, paths: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
+    """Store the user's input images, refusing anything that is not a readable PNG, JPEG or WebP."""
     refs = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise ImageError(
-                f"input image {path} does not exist or is not a file",
-                hint="check the path given to --image",
-            )
-        refs.append(store.put(path.read_bytes(), what=f"input image {path}"))
+    for path in paths:
+        what = f"input image {shown_path(path)}"
+        # Read bounded and without blocking: a FIFO, /dev/zero or a huge sparse file is refused
+        # before any of it is read.
+        data = read_user_file(
+            path,
+            what="input image",
+            max_bytes=image_store.MAX_IMAGE_BYTES,
+            error=ImageError,
+            hint="pass a PNG, JPEG or WebP file with --image",
+        )
+        kind = _not_an_image(data)
+        if kind is not None:
+            raise ImageError(f"{what} {kind}", hint="convert it to PNG, JPEG or WebP")
+        refs.append(store.put(data, what=what))
     return refs
+
+
+# The signatures every PNG, JPEG and WebP file starts with, and some formats people try instead.
+_ACCEPTED_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+_OTHER_FORMATS = (
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"%PDF-", "a PDF document"),
+)
+
+
+def _not_an_image(data: bytes) -> str | None:
+    """What is wrong when the bytes are no PNG, JPEG or WebP file, else None (decode them)."""
+    if not data:
+        return "is empty (0 bytes)"
+    if data.startswith(_ACCEPTED_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return None
+    for signature, name in _OTHER_FORMATS:
+        if data.startswith(signature):
+            return f"is {name}, not PNG, JPEG or WebP"
+    head = data[:1024].lstrip().lower()
+    if b"<svg" in head:
+        return "is an SVG file (vector graphics), not PNG, JPEG or WebP"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "is an HTML page, not PNG, JPEG or WebP"
+    return "is not a PNG, JPEG or WebP file (its first bytes match none of them)"
+
+
+def check_request_text(text: object) -> str:
+    """``text`` if it can be a request; else a ConfigurationError saying what to change."""
+    problem = request_text_problem(text)
+    if problem is not None:
+        raise ConfigurationError(problem[0], hint=problem[1])
+    return text  # type: ignore[return-value]
 
 
 def _thread_config(thread_id: str) -> dict[str, Any]:
@@ -222,7 +301,10 @@ _SAVER_WRITES = frozenset({"aput", "aput_writes"})
 def write_html(workspace: Workspace, thread_id: str, document: Document) -> Path:
     path = workspace.document_path(thread_id)
     html = render_html(document, workspace.image_store, thread_id=thread_id)
-    write_atomically(path, html.encode("utf-8"))
+    # A page write a killed run left half-done is cleared first (a finished thread's resume
+    # writes only this page, without opening a Context).
+    sweep_abandoned_writes(workspace.documents_staging)
+    write_atomically(path, html.encode("utf-8"), staging=workspace.documents_staging)
     return path
 
 
@@ -239,21 +321,23 @@ async def arun(
     checkpointer: str | None = None,
     on_event: EventHandler | None = None,
     callbacks: Callbacks = None,
+    timeouts: Timeouts | None = None,
 ) -> RunResult:
     """Run a request to its document with a profile (default: the real in-process models,
     configured by ``model_settings``) or your own ``backends``.
 
     With an existing ``thread_id`` the thread is continued if its request and settings are the
-    same, and refused otherwise.
+    same, and refused otherwise. ``timeouts`` bound each generator and chat-model call (default:
+    those of ``model_settings``, else ``Timeouts()``); they are not part of the thread's settings.
     """
-    if not text or not text.strip():
-        raise ConfigurationError("the request text is empty", hint="say what to generate")
+    check_request_text(text)
+    # An empty id is refused rather than replaced by a new one: the caller meant some thread.
+    thread_id = new_thread_id() if thread_id is None else validate_thread_id(thread_id)
     workspace = Workspace.open(run_dir, checkpointer)
     profile_name, backends = choose_backends(profile, backends, model_settings)
     settings = make_settings(profile_name, backends, options)
-    thread_id = validate_thread_id(thread_id) if thread_id else new_thread_id()
     request = Request(text=text, images=tuple(store_input_images(workspace.image_store, images)))
-    context = workspace.context(backends)
+    context = workspace.context(backends, Timeouts.chosen(timeouts, model_settings))
     if on_event is not None:
         on_event(ThreadStarted(thread_id=thread_id, resumed=False))
     async with workspace.graph() as graph:
@@ -314,8 +398,11 @@ async def aresume(
     checkpointer: str | None = None,
     on_event: EventHandler | None = None,
     callbacks: Callbacks = None,
+    timeouts: Timeouts | None = None,
 ) -> RunResult:
     """Continue a thread from its last checkpoint; settings left out are the thread's own.
+
+    ``timeouts`` are not the thread's settings: a resume may give other ones (see ``arun``).
 
     ``review`` answers a paused plan review: True keeps the plan, a dict in the planner's
     ``execution_plan`` format replaces it.
@@ -350,7 +437,12 @@ async def aresume(
                 check_review_answer(review, stored)
             resume_with = Command(resume=review) if review is not None else None
             document = await _drive(
-                graph, resume_with, thread_id, workspace.context(backends), on_event, callbacks
+                graph,
+                resume_with,
+                thread_id,
+                workspace.context(backends, Timeouts.chosen(timeouts, model_settings)),
+                on_event,
+                callbacks,
             )
     return RunResult(thread_id, document, write_html(workspace, thread_id, document))
 
@@ -361,7 +453,7 @@ async def _existing_state(
     snapshot = await graph.aget_state(_thread_config(validate_thread_id(thread_id)))
     if not snapshot.values:
         raise UnknownThreadError(
-            f"no thread {thread_id!r} in {workspace.checkpointer_url}",
+            f"no thread {thread_id!r} in {redact_url(workspace.checkpointer_url)}",
             hint="`interleave list` shows the threads; check --run-dir and --checkpointer",
         )
     return snapshot.values
