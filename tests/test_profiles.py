@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -55,3 +57,20 @@ def test_transient_errors_include_the_openai_sdks() -> None:
                                         body=None)
     assert is_transient(busy) and is_transient(ConnectionResetError())
     assert not is_transient(denied) and not is_transient(ValueError("bad plan"))
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "expected"),
+    [("auto", "auto", ("cpu", "float32")), ("cpu", "bfloat16", ("cpu", "float32")),
+     ("cuda", "auto", ("cuda", "auto")), ("cuda:1", "float16", ("cuda:1", "float16"))],
+)
+def test_demo_models_run_on_the_cpu_unless_a_device_is_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, device: str, dtype: str, expected: tuple[str, str]
+) -> None:
+    from interleave_thinker.demo import models as demo_models
+
+    folders = {name: tmp_path / name for name in ("planner", "critic", "generator")}
+    monkeypatch.setattr(demo_models, "ensure_demo_models", lambda: folders)
+    chosen = demo_models.demo_model_settings(ModelSettings(device=device, dtype=dtype))
+    assert (chosen.device, chosen.dtype) == expected
+    assert chosen.generator == str(folders["generator"])

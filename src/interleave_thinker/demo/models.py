@@ -77,16 +77,19 @@ def ensure_demo_models() -> dict[str, Path]:
 
 
 def demo_model_settings(settings: ModelSettings) -> ModelSettings:
-    """The user's settings with the tiny demo models swapped in, on the CPU in float32."""
+    """The user's settings with the tiny demo models swapped in: on the CPU in float32, unless
+    a device was named (``--device cuda``), which is then honoured with the chosen dtype."""
     folders = ensure_demo_models()
+    # 'auto' would pick a GPU when there is one; the demo's promise is that it runs anywhere.
+    on_cpu = settings.device in ("auto", "cpu")
     return settings.model_copy(
         update={
             "planner": str(folders["planner"]),
             "critic": str(folders["critic"]),
             "generator": str(folders["generator"]),
             "generator_pipeline": None,
-            "device": "cpu",
-            "dtype": "float32",
+            "device": "cpu" if on_cpu else settings.device,
+            "dtype": "float32" if on_cpu else settings.dtype,
             "cpu_offload": False,
             "steps": 2,
             "guidance": 1.0,
