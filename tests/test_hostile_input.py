@@ -747,7 +747,8 @@ def test_bad_config_file_is_refused(cli: CliRunner, tmp_path: Path) -> None:
     (tmp_path / "broken.toml").write_text("planner = \n")
     os.mkfifo(tmp_path / "pipe.toml")
     cases = {tmp_path / "latin1.toml": "settings file", tmp_path / "broken.toml": "not valid TOML",
-             tmp_path / "pipe.toml": "settings file", tmp_path: "settings file"}
+             tmp_path / "pipe.toml": "is not a regular file", tmp_path: "is not a regular file",
+             tmp_path / "missing.toml": "does not exist"}
     for path, phrase in cases.items():
         refused(invoke(cli, "run", "--profile", "test", "--config", path, "A.", within=30), phrase)
     assert listed(cli) == {}

@@ -95,8 +95,10 @@ def load_model_settings(config_file: str | os.PathLike[str] | None = None, **fla
     """
     path = config_file or os.environ.get(CONFIG_ENV)
     if path and not Path(path).is_file():
+        # A FIFO or device could block or never end: only regular files are read.
+        what = "is not a regular file" if Path(path).exists() else "does not exist"
         raise ConfigurationError(
-            f"settings file {path} does not exist", hint="check --config or $INTERLEAVE_CONFIG"
+            f"settings file {path} {what}", hint="check --config or $INTERLEAVE_CONFIG"
         )
 
     class _WithFile(ModelSettings):
