@@ -39,6 +39,7 @@ from interleave_thinker.runner import alist_threads, aresume, arun
 from interleave_thinker.settings import load_model_settings
 from interleave_thinker.state import Budget, RunOptions
 from interleave_thinker.tools.base import GenerationJob
+from test_graph import plan_reply, step, verdict_reply
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
@@ -66,20 +67,6 @@ def ckpt(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/checkpoints.sqlite"
 
 
-def plan_reply(steps: list[dict[str, Any]]) -> str:
-    return f"<think>plan</think><answer>{ {'execution_plan': steps}!r}</answer>"
-
-
-def verdict_reply(success: bool, refine: str | None = None, score: float | None = None) -> str:
-    answer: dict[str, Any] = {"previous_step_success": success, "refine_prompt": refine}
-    if score is not None:
-        answer["score"] = score
-    return f"<think>judged</think><answer>{answer!r}</answer>"
-
-
-def step(number: int, prompt: str | None, **extra: Any) -> dict[str, Any]:
-    return {"step_number": number, "step_name": f"step {number}", "instruction": f"show {number}",
-            "prompt": prompt, "auxiliary_text": None, **extra}
 
 
 async def guarded(call: Awaitable[Any]) -> Any:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from langgraph.checkpoint.base import BaseCheckpointSaver
 from pydantic import BaseModel
 
 from interleave_thinker.checkpoints.image_store import (
@@ -26,7 +25,7 @@ from interleave_thinker.checkpoints.image_store import (
     sweep_abandoned_writes,
 )
 from interleave_thinker.checkpoints.ledger import is_generation_key, parse_record
-from interleave_thinker.checkpoints.savers import open_checkpointer, sqlite_path
+from interleave_thinker.checkpoints.savers import list_thread_ids, open_checkpointer, sqlite_path
 from interleave_thinker.errors import ConfigurationError, InterleaveError
 from interleave_thinker.runner import Workspace
 from interleave_thinker.settings import redact_url
@@ -270,7 +269,8 @@ async def _read_checkpoints(url: str, shown: str, report: GcReport) -> tuple[set
     referenced: set[str] = set()
     try:
         async with open_checkpointer(url) as saver:
-            threads.update(await _all_thread_ids(saver))
+            # Every namespace: a subgraph's checkpoints name images too.
+            threads.update(await list_thread_ids(saver, subgraphs=True))
             for thread in sorted(threads):
                 async for item in saver.alist({"configurable": {"thread_id": thread}}):
                     report.checkpoints += 1
@@ -289,24 +289,6 @@ async def _read_checkpoints(url: str, shown: str, report: GcReport) -> tuple[set
     return threads, referenced
 
 
-_ALL_THREADS_SQL = "SELECT DISTINCT thread_id FROM checkpoints"
-
-
-async def _all_thread_ids(saver: BaseCheckpointSaver) -> list[str]:
-    """Thread ids of every namespace (a subgraph's checkpoints too), asked of the database."""
-    connection = getattr(saver, "conn", None)
-    kind = type(saver).__name__
-    if kind == "AsyncSqliteSaver" and connection is not None:
-        async with connection.execute(_ALL_THREADS_SQL) as cursor:
-            return [row[0] for row in await cursor.fetchall()]
-    if kind == "AsyncPostgresSaver" and hasattr(connection, "connection"):
-        async with connection.connection() as conn:
-            rows = await (await conn.execute(_ALL_THREADS_SQL)).fetchall()
-        return [row["thread_id"] if isinstance(row, dict) else row[0] for row in rows]
-    threads: dict[str, None] = {}
-    async for item in saver.alist(None):
-        threads.setdefault(item.config["configurable"]["thread_id"])
-    return list(threads)
 
 
 def _collect_hashes(root: object, found: set[str]) -> None:

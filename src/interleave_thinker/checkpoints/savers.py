@@ -99,26 +99,30 @@ register_saver("postgresql", _open_postgres)
 register_saver("postgres", _open_postgres)
 
 
-_THREADS_SQL = "SELECT DISTINCT thread_id FROM checkpoints WHERE checkpoint_ns = ''"
+_THREADS_SQL = "SELECT DISTINCT thread_id FROM checkpoints"
+_ROOT_ONLY_SQL = " WHERE checkpoint_ns = ''"
 
 
-async def list_thread_ids(saver: BaseCheckpointSaver) -> list[str]:
+async def list_thread_ids(saver: BaseCheckpointSaver, *, subgraphs: bool = False) -> list[str]:
     """Every thread id in ``saver``, asked of the database directly where the saver has one.
 
-    Walking ``alist(None)`` would load and decode every checkpoint of every thread.
+    Only threads with a checkpoint of the root graph, unless ``subgraphs``: then also those
+    with only a subgraph's. Walking ``alist(None)`` would load and decode every checkpoint of
+    every thread.
     """
+    sql = _THREADS_SQL if subgraphs else _THREADS_SQL + _ROOT_ONLY_SQL
     connection = getattr(saver, "conn", None)
     kind = type(saver).__name__
     if kind == "AsyncSqliteSaver" and connection is not None:
-        async with connection.execute(_THREADS_SQL) as cursor:
+        async with connection.execute(sql) as cursor:
             return [row[0] for row in await cursor.fetchall()]
     if kind == "AsyncPostgresSaver" and hasattr(connection, "connection"):
         async with connection.connection() as conn:
-            rows = await (await conn.execute(_THREADS_SQL)).fetchall()
+            rows = await (await conn.execute(sql)).fetchall()
         return [row["thread_id"] if isinstance(row, dict) else row[0] for row in rows]
     threads: dict[str, None] = {}
     async for item in saver.alist(None):
         configurable = item.config["configurable"]
-        if not configurable.get("checkpoint_ns"):
+        if subgraphs or not configurable.get("checkpoint_ns"):
             threads.setdefault(configurable["thread_id"])
     return list(threads)
