@@ -142,7 +142,13 @@ STRICT_SCRIPT = textwrap.dedent(
             graph = build_graph(checkpointer=saver)
             config = {"configurable": {"thread_id": "strict"}}
             values = (await graph.aget_state(config)).values
-            progress = values["progress"]
+            # A finished thread keeps its attempts in the document; the checkpoints before
+            # compose hold them as StepProgress records.
+            progress = ()
+            async for snapshot in graph.aget_state_history(config):
+                progress = snapshot.values.get("progress") or ()
+                if progress:
+                    break
             attempt = progress[0].attempts[0]
             report["types"] = {
                 "request": type(values["request"]).__name__,

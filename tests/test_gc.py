@@ -131,14 +131,14 @@ async def _swap_first_image(workspace: Workspace, thread: str, new: ImageRef) ->
     config = {"configurable": {"thread_id": thread}}
     async with workspace.graph() as graph:
         values = (await graph.aget_state(config)).values
-        first = values["progress"][0]
+        # A finished thread keeps every attempt in its document only.
+        document = values["document"]
+        first = document.steps[0]
         originals = [attempt.image for attempt in reversed(first.attempts)]
         attempts = tuple(a.model_copy(update={"image": new}) for a in first.attempts)
-        progress = (first.model_copy(update={"attempts": attempts}), *values["progress"][1:])
-        document = values["document"]
-        step = document.steps[0].model_copy(update={"image": new, "attempts": attempts})
+        step = first.model_copy(update={"image": new, "attempts": attempts})
         document = document.model_copy(update={"steps": (step, *document.steps[1:])})
-        await graph.aupdate_state(config, {"progress": progress, "document": document}, as_node="compose")
+        await graph.aupdate_state(config, {"document": document}, as_node="compose")
     return originals
 
 

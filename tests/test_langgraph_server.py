@@ -343,7 +343,9 @@ async def test_langgraph_dev_runs_a_thread_and_serves_its_state_and_images(
     assert state["next"] == []
     assert values["settings"]["profile"] == "test"
     assert len(values["plan"]["steps"]) == 3
-    assert [item["status"] for item in values["progress"]] == ["accepted"] * 3
+    # Finished: every step, with its attempts, is in the document (progress is emptied then).
+    assert [item["status"] for item in values["document"]["steps"]] == ["accepted"] * 3
+    assert all(item["attempts"] for item in values["document"]["steps"]) and values["progress"] == []
     steps = values["document"]["steps"]
     assert [step["text"] for step in steps] == ["A paper boat sets sail", "A storm tosses it",
                                                "A rainbow follows"]

@@ -47,10 +47,12 @@ from interleave_thinker.render.html import render_html
 from interleave_thinker.settings import ModelSettings, redact_url
 from interleave_thinker.state import (
     Document,
+    DocumentStep,
     ImageRef,
     Request,
     RunOptions,
     RunSettings,
+    StepProgress,
     TrajectoryState,
     fingerprint_differences,
     request_text_problem,
@@ -549,7 +551,13 @@ async def athread_report(
         snapshot = await graph.aget_state(_thread_config(thread_id))
     values = snapshot.values
     plan = values.get("plan")
-    progress = {item.number: item for item in values.get("progress", ())}
+    progress: dict[int, StepProgress | DocumentStep] = {
+        item.number: item for item in values.get("progress", ())
+    }
+    document: Document | None = values.get("document")
+    if document is not None:
+        # A finished thread keeps its attempts in the document only.
+        progress = {item.number: item for item in document.steps}
     steps = []
     for step in plan.steps if plan else ():
         item = progress.get(step.number)
@@ -565,7 +573,7 @@ async def athread_report(
                 "status": item.status if item else "pending",
                 "chosen_attempt": None if item is None or item.chosen is None
                 else item.attempts[item.chosen].number,
-                "image": item.final_image.sha256 if item and item.final_image else None,
+                "image": _final_image(item),
                 "attempts": [a.model_dump(mode="json") for a in item.attempts] if item else [],
             }
         )
@@ -583,6 +591,13 @@ async def athread_report(
         "document_path": str(path) if path.exists() else None,
         "steps": steps,
     }
+
+
+def _final_image(item: StepProgress | DocumentStep | None) -> str | None:
+    if item is None:
+        return None
+    image = item.image if isinstance(item, DocumentStep) else item.final_image
+    return image.sha256 if image else None
 
 
 def run(text: str, **kwargs: Any) -> RunResult:

@@ -354,6 +354,8 @@ class DocumentStep(_Record):
     status: StepStatus
     image: ImageRef | None = None
     attempts: tuple[Attempt, ...] = ()
+    # Index into ``attempts`` of the one kept (None: skipped or text only).
+    chosen: int | None = None
 
 
 class Document(_Record):

@@ -31,6 +31,7 @@ async def compose_document(state: TrajectoryState, runtime: Runtime[Context]) ->
             status=by_step[step.number].status,
             image=by_step[step.number].final_image,
             attempts=by_step[step.number].attempts,
+            chosen=by_step[step.number].chosen,
         )
         for step in plan.steps
     )
@@ -44,4 +45,6 @@ async def compose_document(state: TrajectoryState, runtime: Runtime[Context]) ->
         if not before.finished:
             emit_committed(runtime, plan, after)
     emit(runtime, DocumentReady(steps=len(steps)))
-    return {"progress": progress, "document": document}
+    # The document now holds every step's attempts: keeping them in `progress` as well would
+    # store each attempt twice in the final checkpoint (about half its size).
+    return {"progress": (), "document": document}
