@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -372,3 +373,33 @@ def test_export_refuses_unknown_format(store: ImageStore, tmp_path: Path) -> Non
             fmt="pdf",  # type: ignore[arg-type]
             out=tmp_path / "d.pdf",
         )
+
+
+def test_large_attempt_images_are_thumbnails_and_the_final_image_is_full_size(
+    store: ImageStore,
+) -> None:
+    final = _image(store, "green", (1024, 768))
+    rejected = _image(store, "red", (1024, 768))
+    step = DocumentStep(
+        number=1, name="Big", text="t", instruction="big", status="accepted", image=final,
+        attempts=(
+            Attempt(step=1, number=1, prompt="p", seed=1, image=rejected,
+                    critique=Critique(success=False, refine_prompt="q")),
+            Attempt(step=1, number=2, prompt="q", seed=1, image=final,
+                    critique=Critique(success=True)),
+        ),
+        chosen=1,
+    )
+    document = Document(request=Request(text="big"), steps=(step,))
+    page = render_html(document, store, thread_id="t")
+    images = [dict(attrs) for tag, attrs in _parse(page).starts if tag == "img"]
+    # The step's own image at full size, then one small JPEG per attempt.
+    assert images[0]["src"] == _data_uri(store, final)
+    thumbs = images[1:]
+    assert [t["title"] for t in thumbs] == [f"sha256 {rejected.sha256}", f"sha256 {final.sha256}"]
+    for thumb in thumbs:
+        assert thumb["src"].startswith("data:image/jpeg;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(thumb["src"].split(",", 1)[1]))) as small:
+            assert small.size == (320, 240) == (int(thumb["width"]), int(thumb["height"]))
+    # The page carries each full-size image once: the final one only.
+    assert page.count(_data_uri(store, final)) == 1 and _data_uri(store, rejected) not in page

@@ -10,7 +10,7 @@ from langchain_core.runnables import RunnableLambda
 from langgraph.runtime import Runtime
 from PIL import Image
 
-from interleave_thinker.checkpoints.image_store import encode_png, inspect_image
+from interleave_thinker.checkpoints.image_store import CheckedImage, check_image, png_image
 from interleave_thinker.checkpoints.ledger import generation_key
 from interleave_thinker.context import Context
 from interleave_thinker.errors import (
@@ -141,14 +141,11 @@ async def _draw(
             for job, _, sources in to_draw
         ]
 
-    def store(encoded: list[bytes]) -> list[dict[str, Any]]:
-        drawn = []
-        for (job, key, _), data in zip(to_draw, encoded, strict=True):
-            ref = context.image_store.put(data, what=f"generated image of step {job.step}")
-            # Recorded the moment it is stored: a crash from here on never pays for it again.
-            context.ledger.record(key, ref, thread_id=thread_id)
-            drawn.append({"key": key, "step": job.step, "attempt": job.attempt, "image": ref})
-        return drawn
+    def store(job: GenerationJob, key: str, image: CheckedImage) -> dict[str, Any]:
+        ref = context.image_store.put_checked(image)
+        # Recorded the moment it is stored: a crash from here on never pays for it again.
+        context.ledger.record(key, ref, thread_id=thread_id)
+        return {"key": key, "step": job.step, "attempt": job.attempt, "image": ref}
 
     def too_slow() -> Exception:
         return ModelTimeoutError(
@@ -176,8 +173,17 @@ async def _draw(
                 f"{where}: the backend failed: {detail}",
                 hint=f"see the chained error; once the backend is fixed, {resume}",
             ) from exc
-        encoded = await asyncio.to_thread(_checked_outputs, outputs, [job for job, _, _ in to_draw], where)
-        return await asyncio.to_thread(store, encoded)
+        # PNG encoding and file writes release the GIL: a batch's images are handled in
+        # parallel threads, each checked before any is stored.
+        checked = await _checked_outputs(outputs, [job for job, _, _ in to_draw], where)
+        return list(
+            await asyncio.gather(
+                *(
+                    asyncio.to_thread(store, job, key, image)
+                    for (job, key, _), image in zip(to_draw, checked, strict=True)
+                )
+            )
+        )
 
     # The traced input and output name images by hash: no pixels reach a trace.
     summary = {
@@ -213,7 +219,9 @@ def _with_sources(job: GenerationJob, images: list[Image.Image]) -> GenerationJo
     return GenerationJob(**{**job.__dict__, "source_images": tuple(images)})
 
 
-def _checked_outputs(outputs: object, jobs: list[GenerationJob], where: str) -> list[bytes]:
+async def _checked_outputs(
+    outputs: object, jobs: list[GenerationJob], where: str
+) -> list[CheckedImage]:
     """The encoded image of every job, or a GeneratorError naming the first bad one."""
     hint = (
         "the backend must return one PIL image or PNG/JPEG/WebP bytes per job, in order, of the "
@@ -230,30 +238,36 @@ def _checked_outputs(outputs: object, jobs: list[GenerationJob], where: str) -> 
             f"{where}: the backend returned {len(outputs)} images for {len(jobs)} requests",
             hint=hint,
         )
-    return [_encoded(output, job, where, hint) for job, output in zip(jobs, outputs, strict=True)]
+    return list(
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(_encoded, output, job, where, hint)
+                for job, output in zip(jobs, outputs, strict=True)
+            )
+        )
+    )
 
 
-def _encoded(output: object, job: GenerationJob, where: str, hint: str) -> bytes:
+def _encoded(output: object, job: GenerationJob, where: str, hint: str) -> CheckedImage:
     what = f"{where}: the image of step {job.step}"
     wanted = (job.width, job.height)
     if isinstance(output, Image.Image):
         size = output.size
         if size == wanted:
             try:
-                return encode_png(output)
+                return png_image(output)
             except (OSError, ValueError, TypeError) as exc:
                 raise GeneratorError(
                     f"{what} ({output.mode} mode) cannot be saved as PNG: {exc}", hint=hint
                 ) from exc
     elif isinstance(output, bytes | bytearray | memoryview):
-        data = bytes(output)
         try:
-            _, width, height = inspect_image(data, what=what)
+            checked = check_image(bytes(output), what=what)
         except ImageError as exc:
             raise GeneratorError(exc.message, hint=hint) from exc
-        size = (width, height)
+        size = (checked.width, checked.height)
         if size == wanted:
-            return data
+            return checked
     else:
         raise GeneratorError(f"{what} is a {type(output).__name__}, not an image", hint=hint)
     raise GeneratorError(

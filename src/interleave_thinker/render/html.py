@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import re
 from html import escape
 
@@ -124,12 +125,18 @@ def validated_ref(ref: ImageRef) -> ImageRef:
         ) from exc
 
 
+# Attempt thumbnails: twice the 10rem they are shown at, for sharp high-density screens.
+THUMB_PIXELS = 320
+THUMB_QUALITY = 85
+
+
 class _Embedder:
     """Builds data URIs, reading and encoding each distinct image once."""
 
     def __init__(self, store: ImageStore) -> None:
         self._store = store
         self._encoded: dict[str, str] = {}
+        self._thumbs: dict[str, tuple[str, int, int]] = {}
 
     def uri(self, ref: ImageRef) -> str:
         ref = validated_ref(ref)
@@ -146,6 +153,30 @@ class _Embedder:
             f'<img{class_attr} src="{self.uri(ref)}" alt="{_e(alt)}" '
             f'width="{int(ref.width)}" height="{int(ref.height)}" '
             f'title="sha256 {_e(ref.sha256)}">'
+        )
+
+    def thumb(self, ref: ImageRef, alt: str) -> str:
+        """A small JPEG copy for an attempt's thumbnail; the title names the original's hash.
+
+        Full-size copies of every attempt made a 12-step, 3-attempt page at 1024x1024 weigh
+        about 100 MB; the thumbnails add a few tens of KB each.
+        """
+        ref = validated_ref(ref)
+        if max(ref.width, ref.height) <= THUMB_PIXELS:
+            return self.img(ref, alt, "thumb")
+        cached = self._thumbs.get(ref.sha256)
+        if cached is None:
+            with self._store.open(ref) as image:
+                small = image.convert("RGB")
+                small.thumbnail((THUMB_PIXELS, THUMB_PIXELS))
+                buffer = io.BytesIO()
+                small.save(buffer, format="JPEG", quality=THUMB_QUALITY)
+            cached = (base64.b64encode(buffer.getvalue()).decode("ascii"), small.width, small.height)
+            self._thumbs[ref.sha256] = cached
+        encoded, width, height = cached
+        return (
+            f'<img class="thumb" src="data:image/jpeg;base64,{encoded}" alt="{_e(alt)}" '
+            f'width="{int(width)}" height="{int(height)}" title="sha256 {_e(ref.sha256)}">'
         )
 
 
@@ -211,7 +242,7 @@ def _attempt(step: DocumentStep, attempt: Attempt, kept: bool, embed: _Embedder)
         label += ' <span class="badge accepted">kept</span>'
     if attempt.reused:
         label += ' <span class="note">(reused from the generation ledger)</span>'
-    thumb = embed.img(attempt.image, f"{name} of step {int(step.number)}", "thumb")
+    thumb = embed.thumb(attempt.image, f"{name} of step {int(step.number)}")
     return (
         f'<li class="{css}" id="{anchor}" data-attempt="{int(attempt.number)}" '
         f'data-kept="{"true" if kept else "false"}">\n'
