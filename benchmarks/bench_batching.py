@@ -260,6 +260,9 @@ def batch_run(
                 concurrency=concurrency,
                 # Large enough that a batch may hold one job of every running trajectory.
                 max_batch=concurrency,
+                # One GPU: one call at a time, jobs gather meanwhile. A server that takes
+                # concurrent calls: no limit (`--max-in-flight 0`).
+                max_in_flight=1 if serialized else None,
                 run_dir=run_dir,
             )
         )
@@ -316,7 +319,8 @@ def _concurrency_figures(
     setup = (
         f"{prompts} prompts of 2-3 sentences through `arun_batch` (test planner: a chain of "
         f"edits, one step per sentence; test critic: rejects about half of the first attempts), "
-        f"`--concurrency {concurrency} --max-batch {concurrency}`, max_wait 50 ms, SQLite, 64x64; "
+        f"`--concurrency {concurrency} --max-batch {concurrency} "
+        f"--max-in-flight {1 if serialized else 0}`, max_wait 50 ms, SQLite, 64x64; "
         f"`FixedCostGenerator(fixed_s={FIXED_S}, per_image_s={PER_IMAGE_S})`, {backend}. "
         f"Ideal {ideal:.2f} images/s = c / (fixed + c x per_image) with c = {concurrency}. "
         f"At most {MAX_BATCH_RUN_REPEATS} repeats (fixed sleeps vary little)."

@@ -20,6 +20,7 @@ MODULES = (
     "bench_memory",
 )
 DEFAULT_REPORT = Path(__file__).resolve().with_name("REPORT.md")
+TARGETS_NOTE = Path(__file__).resolve().with_name("TARGETS.md")
 
 
 def _selected(only: Sequence[str] | None) -> list[str]:
@@ -86,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ).replace(str(args.output), args.output.name) + "`"
     info["benchmarks"] = [*log, f"total {time.perf_counter() - started:.0f} s"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render_report(figures, info), encoding="utf-8")
+    report = render_report(figures, info)
+    if not args.quick and TARGETS_NOTE.is_file():
+        # What the numbers cannot say: why a target that fails is the wrong target.
+        report += "\n" + TARGETS_NOTE.read_text(encoding="utf-8")
+    args.output.write_text(report, encoding="utf-8")
     print(f"report written to {args.output}", file=sys.stderr)
     return 1 if any(line.split(": ", 1)[1].startswith("FAILED") for line in log) else 0
 
