@@ -4,6 +4,11 @@
 # Run from the repository root with the wheel folder .whl/ beside it (the packages the GPU image
 # lacks, built for CPython 3.12 on manylinux x86_64):
 #   bash scripts/gpu_device_checks.sh
+# The wheels (the image has torch, transformers, accelerate, numpy, pillow; see
+# scripts/gpu_wheels.txt for the rest, with the versions the tests ran with) are fetched with
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl -r scripts/gpu_wheels.txt
 # Each part writes into $OUT (default /tmp/gpu-device-checks) and goes on if an earlier one failed:
 #   setup.txt      a. wheel install, nvidia-smi, versions, import check of the backends
 #   cuda_tests.txt b/c. pytest -m cuda tests/test_cuda.py (tiny models on the GPU)
