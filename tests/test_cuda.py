@@ -13,7 +13,7 @@ import base64
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +42,7 @@ from interleave_thinker.settings import load_model_settings  # noqa: E402
 from interleave_thinker.state import RunOptions  # noqa: E402
 from interleave_thinker.tools.base import GenerationJob  # noqa: E402
 from interleave_thinker.tools.diffusers_backend import DiffusersGenerator  # noqa: E402
+from test_diffusers_backend import spy_calls  # noqa: E402
 
 DEVICE = os.environ.get("TEST_CUDA_DEVICE", "cuda")
 ON_CUDA = DEVICE.startswith("cuda")
@@ -102,19 +103,6 @@ def max_diff(a: Image.Image | bytes, b: Image.Image | bytes) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
 
 
-def count_calls(monkeypatch: pytest.MonkeyPatch, pipe: Any) -> list[dict[str, Any]]:
-    """The keyword arguments of every call of ``pipe``'s class from now on (calls still run)."""
-    calls: list[dict[str, Any]] = []
-    original: Callable[..., Any] = type(pipe).__call__
-
-    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(pipe), "__call__", recording)
-    return calls
-
-
 def device_type(module: Any) -> str:
     return next(module.parameters()).device.type
 
@@ -131,7 +119,7 @@ def test_klein_auto_dtype_batches_seeded_jobs_on_the_device(
     assert pipe.transformer.dtype == getattr(torch, AUTO_DTYPE)
     assert device_type(pipe.transformer) == device_type(pipe.text_encoder) == torch.device(DEVICE).type
 
-    calls = count_calls(monkeypatch, pipe)
+    calls = spy_calls(monkeypatch, pipe)
     first, other, again = asyncio.run(klein.agenerate([job(1), job(2), job(1)]))
     # Three independent jobs of one size: one pipeline call, one seeded generator per image.
     assert len(calls) == 1 and len(calls[0]["generator"]) == 3

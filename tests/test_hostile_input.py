@@ -103,7 +103,6 @@ import time
 import tracemalloc
 import zlib
 from collections.abc import Callable
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -132,6 +131,7 @@ from interleave_thinker.runner import (
 )
 from interleave_thinker.state import MAX_REQUEST_CHARS, Request, RunOptions
 from interleave_thinker.tools.generator_tool import GenerateImageTool
+from test_render import PageParts, parse_page
 
 SMALL = ["--size", "32x32"]
 TINY = RunOptions(width=32, height=32)
@@ -250,46 +250,6 @@ def test_console_script_refuses_a_non_utf8_argument(tmp_path: Path) -> None:
 # Parsing the HTML and Markdown exports
 
 
-class _Page(HTMLParser):
-    """Start tags with attributes, end tags, text nodes and anything the parser calls markup."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.starts: list[tuple[str, dict[str, str | None]]] = []
-        self.ends: list[str] = []
-        self.texts: list[str] = []
-        self.comments: list[str] = []
-        self.others: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.starts.append((tag, dict(attrs)))
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.starts.append((tag, dict(attrs)))
-
-    def handle_endtag(self, tag: str) -> None:
-        self.ends.append(tag)
-
-    def handle_data(self, data: str) -> None:
-        self.texts.append(data)
-
-    def handle_comment(self, data: str) -> None:
-        self.comments.append(data)
-
-    def handle_pi(self, data: str) -> None:
-        self.others.append(data)
-
-    def unknown_decl(self, data: str) -> None:
-        self.others.append(data)
-
-
-def parse_page(page: str) -> _Page:
-    parsed = _Page()
-    parsed.feed(page)
-    parsed.close()
-    return parsed
-
-
 _OPENERS = {"\u202a": "\u202c", "\u202b": "\u202c", "\u202d": "\u202c", "\u202e": "\u202c",
             "\u2066": "\u2069", "\u2067": "\u2069", "\u2068": "\u2069"}
 
@@ -308,7 +268,7 @@ def bidi_closed(text: str) -> bool:
     return not stack
 
 
-def assert_inert_html(page: str, steps: int, folds: int) -> _Page:
+def assert_inert_html(page: str, steps: int, folds: int) -> PageParts:
     parsed = parse_page(page)
     metas = [attrs for tag, attrs in parsed.starts if tag == "meta"
              and (attrs.get("http-equiv") or "").lower() == "content-security-policy"]

@@ -120,13 +120,16 @@ def _document(store: ImageStore, text: str = "", profile: str = "real") -> Docum
     )
 
 
-class _Collector(HTMLParser):
-    """Every start tag with its attributes, and a tally of end tags."""
+class PageParts(HTMLParser):
+    """Start tags with attributes, end tags, text nodes and anything the parser calls markup."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(convert_charrefs=True)
         self.starts: list[tuple[str, dict[str, str | None]]] = []
         self.ends: list[str] = []
+        self.texts: list[str] = []
+        self.comments: list[str] = []
+        self.others: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.starts.append((tag, dict(attrs)))
@@ -137,12 +140,24 @@ class _Collector(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         self.ends.append(tag)
 
+    def handle_data(self, data: str) -> None:
+        self.texts.append(data)
 
-def _parse(page: str) -> _Collector:
-    collector = _Collector()
-    collector.feed(page)
-    collector.close()
-    return collector
+    def handle_comment(self, data: str) -> None:
+        self.comments.append(data)
+
+    def handle_pi(self, data: str) -> None:
+        self.others.append(data)
+
+    def unknown_decl(self, data: str) -> None:
+        self.others.append(data)
+
+
+def parse_page(page: str) -> PageParts:
+    parsed = PageParts()
+    parsed.feed(page)
+    parsed.close()
+    return parsed
 
 
 def _data_uri(store: ImageStore, ref: ImageRef) -> str:
@@ -183,7 +198,7 @@ def test_html_shows_steps_in_order_with_images_and_text(store: ImageStore) -> No
 
 def test_html_is_self_contained(store: ImageStore) -> None:
     page = render_html(_document(store), store, thread_id="t")
-    parsed = _parse(page)
+    parsed = parse_page(page)
     for tag, attrs in parsed.starts:
         assert tag not in {"script", "link", "iframe", "object", "embed"}
         for name in ("src", "href"):
@@ -203,7 +218,7 @@ def test_html_badges_notes_and_folded_attempts(store: ImageStore) -> None:
     assert "generator-call budget ran out" in _step_section(page, 4)
     assert "<details" not in _step_section(page, 3)
 
-    parsed = _parse(page)
+    parsed = parse_page(page)
     assert [t for t, _ in parsed.starts].count("details") == 2
     assert parsed.ends.count("details") == 2
     first = _step_section(page, 1)
@@ -233,7 +248,7 @@ def test_html_escapes_hostile_text(store: ImageStore) -> None:
         assert payload not in page
     assert "&lt;/details&gt;" in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    parsed = _parse(page)
+    parsed = parse_page(page)
     tags = [tag for tag, _ in parsed.starts]
     assert "script" not in tags
     assert all(not name.startswith("on") for _, attrs in parsed.starts for name in attrs)
@@ -392,7 +407,7 @@ def test_large_attempt_images_are_thumbnails_and_the_final_image_is_full_size(
     )
     document = Document(request=Request(text="big"), steps=(step,))
     page = render_html(document, store, thread_id="t")
-    images = [dict(attrs) for tag, attrs in _parse(page).starts if tag == "img"]
+    images = [dict(attrs) for tag, attrs in parse_page(page).starts if tag == "img"]
     # The step's own image at full size, then one small JPEG per attempt.
     assert images[0]["src"] == _data_uri(store, final)
     thumbs = images[1:]
