@@ -9,8 +9,7 @@ import pstats
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,7 @@ from benchmarks.common import (
 from interleave_thinker.checkpoints.image_store import ImageStore, blank_canvas, encode_png
 from interleave_thinker.checkpoints.ledger import GenerationLedger, generation_key
 from interleave_thinker.checkpoints.savers import (
-    make_serializer,
     open_checkpointer,
-    register_saver,
-    sqlite_path,
 )
 from interleave_thinker.context import Backends
 from interleave_thinker.graph import build_graph
@@ -61,26 +57,6 @@ IMAGE_SIZE = 64
 THREAD = "bench"
 TARGET_RATIO = 1.03
 TARGET_MS_PER_CALL = 5.0
-# A saver like the project's SQLite one but with PRAGMA synchronous=NORMAL: a candidate fix.
-NORMAL_SYNC_SCHEME = "bench-sqlite-normal"
-
-
-@asynccontextmanager
-async def _open_sqlite_normal(url: str) -> AsyncIterator[Any]:
-    """The project's ``_open_sqlite`` plus ``PRAGMA synchronous=NORMAL`` (WAL is already on):
-    a commit no longer waits for fsync; a killed process still loses nothing committed."""
-    import aiosqlite
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
-    path = sqlite_path("sqlite:///" + url.split(":///", 1)[1])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    async with aiosqlite.connect(str(path)) as conn:
-        saver = AsyncSqliteSaver(conn, serde=make_serializer())
-        await saver.setup()
-        await conn.execute("PRAGMA synchronous=NORMAL")
-        yield saver
-
-
 def run_options() -> RunOptions:
     return RunOptions(
         width=IMAGE_SIZE, height=IMAGE_SIZE, budget=Budget(max_attempts=REJECTIONS + 1)
@@ -393,11 +369,8 @@ def _profile_notes(root: Path, steps: int, generator_s: float) -> tuple[float, s
 
 
 VARIANT_NOTES = {
-    "sqlite": "The project's saver driven directly (as `arun` does): the reference for the rows "
-    "below.",
-    NORMAL_SYNC_SCHEME: "Candidate fix: the project's SQLite saver plus `PRAGMA synchronous=NORMAL` "
-    "(WAL is already on), so a commit does not wait for fsync. A killed process still loses "
-    "nothing committed; an OS crash or power cut may lose the last few commits.",
+    "sqlite": "The project's saver (WAL, `synchronous=NORMAL`) driven directly (as `arun` "
+    "does): the reference for the rows below.",
     "sqlite-async": "LangGraph saves each checkpoint while the next step runs.",
     "sqlite-exit": "One checkpoint when the run ends: no crash safety at all.",
     "memory": "InMemorySaver: the same serialization, no disk.",
@@ -411,10 +384,8 @@ def _variants(
 ) -> list[Figure]:
     """Each round runs the loop once, then every variant; a sample is variant - that loop run.
     Time spent awaiting the saver is clocked too."""
-    register_saver(NORMAL_SYNC_SCHEME, _open_sqlite_normal)
     variants = [
         ("SQLite, durability=sync", "sqlite", "sqlite", "sync"),
-        ("SQLite synchronous=NORMAL, durability=sync", NORMAL_SYNC_SCHEME, NORMAL_SYNC_SCHEME, "sync"),
         ("SQLite, durability=async", "sqlite-async", "sqlite", "async"),
         ("SQLite, durability=exit", "sqlite-exit", "sqlite", "exit"),
         ("memory://, durability=sync", "memory", "memory", "sync"),
@@ -429,7 +400,6 @@ def _variants(
             directory = fresh("v")
             url = {
                 "sqlite": f"sqlite:///{directory / 'checkpoints.sqlite'}",
-                NORMAL_SYNC_SCHEME: f"{NORMAL_SYNC_SCHEME}:///{directory / 'checkpoints.sqlite'}",
                 "memory": f"memory://{uuid.uuid4().hex}",
             }.get(kind)
             clock = _SaverClock()
