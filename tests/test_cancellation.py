@@ -1,4 +1,4 @@
-"""Cancelling a run (Ctrl-C, a caller's timeout) lets its checkpoint writes finish first."""
+"""Cancelling a run (Ctrl-C, a caller's timeout): the saver closes only after its writes in flight."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ async def test_cancel_waits_for_checkpoint_writes_in_flight(
     finished: list[int] = []
     original = AsyncSqliteSaver.aput_writes
 
-    # Named like the saver's method on purpose: slow writes keep LangGraph's background
-    # writes of the previous step running while the next generator call starts.
+    # Slow writes keep LangGraph's background writes of the previous step running while the
+    # next generator call starts.
     async def aput_writes(self: AsyncSqliteSaver, *args: Any, **kwargs: Any) -> None:
         started.append(len(started))
         await asyncio.sleep(WRITE_SECONDS)

@@ -257,20 +257,16 @@ async def _drive(
 ) -> Document:
     # Sync durability: every step's checkpoint is on disk before the next step starts, so a
     # hard kill loses at most the node that was running.
-    try:
-        async for event in graph.astream(
-            graph_input,
-            {**_thread_config(thread_id), "callbacks": callbacks},
-            context=context,
-            durability="sync",
-            stream_mode="custom",
-        ):
-            typed = parse_event(event)
-            if on_event is not None and typed is not None:
-                on_event(typed)
-    except asyncio.CancelledError:
-        await _let_checkpoint_writes_finish()
-        raise
+    async for event in graph.astream(
+        graph_input,
+        {**_thread_config(thread_id), "callbacks": callbacks},
+        context=context,
+        durability="sync",
+        stream_mode="custom",
+    ):
+        typed = parse_event(event)
+        if on_event is not None and typed is not None:
+            on_event(typed)
     snapshot = await graph.aget_state(_thread_config(thread_id))
     for pending in snapshot.interrupts:
         if isinstance(pending.value, dict) and pending.value.get("kind") in REVIEW_KINDS:
@@ -279,25 +275,6 @@ async def _drive(
     if document is None:
         raise RuntimeError(f"thread {thread_id} stopped before its document was composed")
     return document
-
-
-async def _let_checkpoint_writes_finish(timeout_s: float = 5.0) -> None:
-    """Wait for checkpoint writes LangGraph left running when the run was cancelled (Ctrl-C).
-
-    Otherwise the saver closes under them and asyncio prints their errors at shutdown. Losing
-    them would be harmless (the last checkpoint holds what a resume needs), only noisy. Writes
-    of other runs on this event loop are waited for too: at most ``timeout_s``.
-    """
-    current = asyncio.current_task()
-    writes = [
-        task for task in asyncio.all_tasks()
-        if task is not current and getattr(task.get_coro(), "__name__", "") in _SAVER_WRITES
-    ]
-    if writes:
-        await asyncio.wait(writes, timeout=timeout_s)
-
-
-_SAVER_WRITES = frozenset({"aput", "aput_writes"})
 
 
 def write_html(workspace: Workspace, thread_id: str, document: Document) -> Path:

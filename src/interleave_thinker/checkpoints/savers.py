@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -45,7 +48,61 @@ def open_checkpointer(url: str) -> AbstractAsyncContextManager[BaseCheckpointSav
             hint="use sqlite:///PATH, memory:// or postgresql://USER@HOST/DATABASE; known schemes: "
             + ", ".join(sorted(_FACTORIES)),
         )
-    return factory(url)
+    return _finishing_writes(factory(url))
+
+
+# How long closing a saver waits for checkpoint writes still running (see _finishing_writes).
+WRITE_DRAIN_S = 5.0
+_IN_FLIGHT = "_interleave_writes_in_flight"
+
+
+@asynccontextmanager
+async def _finishing_writes(
+    opened: AbstractAsyncContextManager[BaseCheckpointSaver],
+) -> AsyncIterator[BaseCheckpointSaver]:
+    """The saver, closed only once the checkpoint writes still running on it have ended.
+
+    LangGraph runs some writes as background tasks; a run cancelled by Ctrl-C or a caller's
+    timeout can leave them running, and closing the connection under them makes asyncio print
+    their errors at shutdown. Losing them would be harmless (the last checkpoint holds what a
+    resume needs), only noisy.
+    """
+    async with opened as saver:
+        in_flight = _track_writes(saver)
+        try:
+            yield saver
+        finally:
+            others = in_flight - {asyncio.current_task()}
+            if others:
+                await asyncio.wait(others, timeout=WRITE_DRAIN_S)
+
+
+def _track_writes(saver: BaseCheckpointSaver) -> set[asyncio.Task[Any]]:
+    """The tasks inside the saver's ``aput``/``aput_writes`` right now (wrapped once per saver)."""
+    in_flight: set[asyncio.Task[Any]] | None = saver.__dict__.get(_IN_FLIGHT)
+    if in_flight is not None:
+        return in_flight
+    in_flight = set()
+    for name in ("aput", "aput_writes"):
+        setattr(saver, name, _tracked(getattr(saver, name), in_flight))
+    saver.__dict__[_IN_FLIGHT] = in_flight
+    return in_flight
+
+
+def _tracked(
+    write: Callable[..., Awaitable[Any]], in_flight: set[asyncio.Task[Any]]
+) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(write)
+    async def tracked(*args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        if task is not None:
+            in_flight.add(task)
+        try:
+            return await write(*args, **kwargs)
+        finally:
+            in_flight.discard(task)  # type: ignore[arg-type]
+
+    return tracked
 
 
 # One saver per URL for the whole process: memory:// must outlive a single run to be resumable.
