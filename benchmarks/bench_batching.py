@@ -17,10 +17,10 @@ from PIL import Image
 from benchmarks.common import Figure, FixedCostGenerator, Stopwatch
 from interleave_thinker.batch import arun_batch
 from interleave_thinker.context import Backends
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.generators.base import GenerationJob, ImageGenerator
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.runner import arun
 from interleave_thinker.state import RunOptions
-from interleave_thinker.tools.base import GenerationJob, ImageGenerator
 
 SECTION = "d. Batching"
 
@@ -141,7 +141,7 @@ async def _independent_trajectory(
 
 def _tiny_klein_figures(repeats: int, quick: bool) -> list[Figure]:
     from interleave_thinker.demo.tiny_diffusers import build_tiny_flux2_klein
-    from interleave_thinker.tools.diffusers_backend import DiffusersGenerator
+    from interleave_thinker.generators.diffusers_backend import DiffusersGenerator
 
     quiet_diffusers()
     steps = 4 if quick else 8
@@ -250,7 +250,7 @@ def batch_run(
     """One batch run of the whole prompt file with the test planner and critic."""
     backend = FixedCostGenerator("fixed-cost", FIXED_S, PER_IMAGE_S)
     generator: ImageGenerator = SerializedGenerator(backend) if serialized else backend
-    backends = Backends(planner=TestPlannerModel(), critic=TestCriticModel(), generator=generator)
+    backends = Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(), generator=generator)
     with Stopwatch() as watch:
         report = asyncio.run(
             arun_batch(

@@ -15,9 +15,9 @@ from PIL import Image
 
 from benchmarks.common import Figure, chain_backends, chain_request
 from interleave_thinker.checkpoints.savers import make_serializer, open_checkpointer
+from interleave_thinker.generators.base import GenerationJob
 from interleave_thinker.runner import arun
 from interleave_thinker.state import Budget, RunOptions
-from interleave_thinker.tools.base import GenerationJob
 
 SECTION = "b. Checkpoint size"
 REJECTIONS = 2

@@ -19,7 +19,7 @@ from PIL import Image
 
 from benchmarks.bench_batching import FIXED_S, PER_IMAGE_S, write_prompt_file
 from benchmarks.common import REPO_ROOT, Figure, FixedCostGenerator
-from interleave_thinker.tools.base import GenerationJob
+from interleave_thinker.generators.base import GenerationJob
 
 SECTION = "e. Memory"
 # RSS hardly varies between runs of the same configuration: at most this many repeats each.
@@ -56,7 +56,7 @@ def _child(trajectories: int, size: int, run_dir: Path) -> dict[str, Any]:
     """Runs in the fresh subprocess: one batch run, then this process's peak RSS."""
     from interleave_thinker.batch import arun_batch
     from interleave_thinker.context import Backends
-    from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+    from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
     from interleave_thinker.state import RunOptions
 
     prompt_file = run_dir / "prompts.jsonl"
@@ -68,7 +68,7 @@ def _child(trajectories: int, size: int, run_dir: Path) -> dict[str, Any]:
         arun_batch(
             prompt_file,
             backends=Backends(
-                planner=TestPlannerModel(), critic=TestCriticModel(), generator=NoiseImages(generator)
+                planner=StandInPlannerModel(), critic=StandInCriticModel(), generator=NoiseImages(generator)
             ),
             options=RunOptions(width=size, height=size),
             concurrency=trajectories,

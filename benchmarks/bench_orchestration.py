@@ -22,19 +22,18 @@ from benchmarks.common import (
     chain_request,
     median_or_nan,
 )
-from interleave_thinker.checkpoints.image_store import ImageStore, blank_canvas, encode_png
-from interleave_thinker.checkpoints.ledger import GenerationLedger, generation_key
 from interleave_thinker.checkpoints.savers import (
     open_checkpointer,
 )
 from interleave_thinker.context import Backends
+from interleave_thinker.generators.base import GenerationJob
 from interleave_thinker.graph import build_graph
 from interleave_thinker.models.messages import ImageInliningChatModel, image_block
 from interleave_thinker.nodes.asking import ask_until_parsed
 from interleave_thinker.nodes.scheduling import derive_seed, select_attempt
 from interleave_thinker.prompts.parsing import parse_plan, parse_verdict
 from interleave_thinker.prompts.templates import critic_messages, planner_messages
-from interleave_thinker.runner import Workspace, arun, make_settings, trajectory_input, write_html
+from interleave_thinker.runner import arun, make_settings, trajectory_input
 from interleave_thinker.state import (
     Attempt,
     Budget,
@@ -46,7 +45,9 @@ from interleave_thinker.state import (
     StepStatus,
     parse_source,
 )
-from interleave_thinker.tools.base import GenerationJob
+from interleave_thinker.storage.image_store import ImageStore, blank_canvas, encode_png
+from interleave_thinker.storage.ledger import GenerationLedger, generation_key
+from interleave_thinker.workspace import Workspace
 
 SECTION = "a. Orchestration overhead: graph vs hand-written loop"
 REJECTIONS = 2  # each step: rejected twice, accepted on attempt 3
@@ -199,7 +200,7 @@ async def hand_written_loop(
     document = Document(
         request=request, steps=tuple(document_steps), profile="custom", generator_calls=calls
     )
-    await asyncio.to_thread(write_html, workspace, thread_id, document)
+    await asyncio.to_thread(workspace.write_document_page, thread_id, document)
     return document
 
 
@@ -272,7 +273,7 @@ async def graph_variant_once(
             ):
                 pass
             document = (await graph.aget_state(config)).values["document"]
-        await asyncio.to_thread(write_html, workspace, THREAD, document)
+        await asyncio.to_thread(workspace.write_document_page, THREAD, document)
 
     if checkpointer is None:
         await drive(build_graph())

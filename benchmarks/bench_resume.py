@@ -55,12 +55,12 @@ def quiet_loaded_libraries() -> None:
 def cli_main(argv: list[str]) -> None:
     """The ``interleave`` command with one more profile, ``bench-chain``: the chain planner,
     a critic that rejects twice, and the test generator (which honours the delay and call log)."""
+    from interleave_thinker.generators.stand_in import StandInImageGenerator
     from interleave_thinker.models.profiles import register_profile
-    from interleave_thinker.tools.test_generator import TestImageGenerator
 
     register_profile(
         PROFILE,
-        lambda _: chain_backends(TestImageGenerator(), rejections=REJECTIONS),
+        lambda _: chain_backends(StandInImageGenerator(), rejections=REJECTIONS),
         note="bench-chain profile: benchmark stand-ins",
     )
     from interleave_thinker import cli

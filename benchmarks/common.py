@@ -20,9 +20,9 @@ from typing import Any
 from PIL import Image
 
 from interleave_thinker.context import Backends
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.generators.base import GenerationJob
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.prompts.templates import prompts_from_messages, request_from_messages
-from interleave_thinker.tools.base import GenerationJob
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,7 +246,7 @@ class FixedCostGenerator:
 REFINE_MARK = ", sharper"
 
 
-class ChainPlannerModel(TestPlannerModel):
+class ChainPlannerModel(StandInPlannerModel):
     """The test planner without its six-step cap: one step per sentence, every later step an edit."""
 
     @property
@@ -274,7 +274,7 @@ class ChainPlannerModel(TestPlannerModel):
         )
 
 
-class RejectingCriticModel(TestCriticModel):
+class RejectingCriticModel(StandInCriticModel):
     """A test critic that rejects every step ``rejections`` times, then accepts the refined prompt."""
 
     rejections: int = 2

@@ -229,7 +229,7 @@ def diffusers_generator(pipeline: Any, folder: Path, *, steps: int, max_batch: i
     of borrowed GPU time, so the folder gets only model_index.json (for the family and identity)
     and the built pipeline is handed over as the loaded one.
     """
-    from interleave_thinker.tools.diffusers_backend import DiffusersGenerator
+    from interleave_thinker.generators.diffusers_backend import DiffusersGenerator
 
     pipeline.save_config(folder)
     device = str(pipeline.transformer.device)
@@ -295,7 +295,7 @@ def time_batches(
     import torch
 
     from interleave_thinker.errors import GeneratorError
-    from interleave_thinker.tools.base import GenerationJob
+    from interleave_thinker.generators.base import GenerationJob
 
     cuda = generator.device.startswith("cuda")
     timings = []

@@ -17,13 +17,14 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langgraph.graph import END, START, StateGraph
 
-from interleave_thinker.agent_tool import TOOL_NAME, create_interleave_tool
 from interleave_thinker.checkpoints.savers import open_checkpointer
 from interleave_thinker.context import Context
 from interleave_thinker.graph import build_graph
 from interleave_thinker.models.profiles import load_profile
-from interleave_thinker.runner import Workspace, make_settings, trajectory_input
+from interleave_thinker.runner import make_settings, trajectory_input
 from interleave_thinker.state import Request, RunOptions, TrajectoryState
+from interleave_thinker.tools.agent_tool import TOOL_NAME, create_interleave_tool
+from interleave_thinker.workspace import Workspace
 
 MODEL_ENV = "INTERLEAVE_EXAMPLE_MODEL"
 STORY = "A robot wakes up. It walks to the window. It opens the curtains."

@@ -87,7 +87,7 @@ for name in names:
     except metadata.PackageNotFoundError:
         print(f"  {name} MISSING")
 failed = 0
-for module in ["interleave_thinker", "interleave_thinker.cli", "interleave_thinker.tools.diffusers_backend",
+for module in ["interleave_thinker", "interleave_thinker.cli", "interleave_thinker.generators.diffusers_backend",
                "interleave_thinker.models.transformers_chat", "interleave_thinker.models.constrained",
                "pydantic", "langgraph", "diffusers", "transformers", "xgrammar"]:
     try:

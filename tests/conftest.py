@@ -17,10 +17,10 @@ from PIL import Image
 from pydantic import Field
 
 from interleave_thinker.context import Backends
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.generators.base import GenerationJob
+from interleave_thinker.generators.stand_in import StandInImageGenerator
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.state import RunOptions
-from interleave_thinker.tools.base import GenerationJob
-from interleave_thinker.tools.test_generator import TestImageGenerator
 
 
 class ScriptedChatModel(BaseChatModel):
@@ -57,7 +57,7 @@ def scripted(reply: Callable[[list[BaseMessage]], str] | Sequence[str], name: st
     return ScriptedChatModel(reply=next_reply, calls=[], name_for_identity=name)
 
 
-class RecordingGenerator(TestImageGenerator):
+class RecordingGenerator(StandInImageGenerator):
     """The test generator, also keeping every job it was given."""
 
     def __init__(self) -> None:
@@ -83,7 +83,7 @@ def small() -> RunOptions:
 @pytest.fixture
 def test_backends() -> Backends:
     return Backends(
-        planner=TestPlannerModel(), critic=TestCriticModel(), generator=RecordingGenerator()
+        planner=StandInPlannerModel(), critic=StandInCriticModel(), generator=RecordingGenerator()
     )
 
 

@@ -105,7 +105,7 @@ def _wrap_node(node: str, function: Callable[..., Awaitable[Any]]) -> Callable[.
 
 def _install_node_points() -> None:
     import interleave_thinker.graph as graph
-    from interleave_thinker.tools.test_generator import TestImageGenerator
+    from interleave_thinker.generators.stand_in import StandInImageGenerator
 
     # build_graph reads these module names when a run starts, after this has replaced them.
     for node, attribute in zip(
@@ -114,14 +114,14 @@ def _install_node_points() -> None:
     ):
         setattr(graph, attribute, _wrap_node(node, getattr(graph, attribute)))
 
-    original = TestImageGenerator.agenerate
+    original = StandInImageGenerator.agenerate
 
     async def agenerate(self: Any, jobs: Any) -> Any:
         images = await original(self, jobs)
         _hit("drawn")
         return images
 
-    TestImageGenerator.agenerate = agenerate  # type: ignore[method-assign]
+    StandInImageGenerator.agenerate = agenerate  # type: ignore[method-assign]
 
 
 # -- checkpoint savers -----------------------------------------------------------------------

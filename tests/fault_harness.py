@@ -41,10 +41,11 @@ from typing import Any
 
 from typer.testing import CliRunner
 
-from interleave_thinker.checkpoints.image_store import TEMP_PREFIX, ImageStore
 from interleave_thinker.cli import app
 from interleave_thinker.errors import ImageError, UnknownThreadError
-from interleave_thinker.runner import athread_report
+from interleave_thinker.inspect import athread_report
+from interleave_thinker.storage.atomic import TEMP_PREFIX
+from interleave_thinker.storage.image_store import ImageStore
 
 REQUEST = "A seed falls. Rain comes. A sprout rises. Leaves unfold. A bud forms. It blooms."
 SIZE = "64x64"

@@ -15,11 +15,12 @@ from interleave_thinker.batch import arun_batch, in_shard, read_prompt_file, thr
 from interleave_thinker.checkpoints.savers import open_checkpointer
 from interleave_thinker.cli import app
 from interleave_thinker.context import Backends
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
-from interleave_thinker.runner import THREAD_ID_PATTERN, alist_threads
+from interleave_thinker.generators.base import GenerationJob
+from interleave_thinker.generators.coalescing import CoalescingGenerator
+from interleave_thinker.inspect import alist_threads
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.state import RunOptions
-from interleave_thinker.tools.base import GenerationJob
-from interleave_thinker.tools.coalescing import CoalescingGenerator
+from interleave_thinker.workspace import THREAD_ID_PATTERN
 
 SMALL = RunOptions(width=32, height=32)
 
@@ -34,7 +35,7 @@ def _prompt_file(folder: Path, count: int = 6, extra: str = "", prefix: str = "p
 
 def _backends() -> tuple[Backends, RecordingGenerator]:
     generator = RecordingGenerator()
-    return Backends(planner=TestPlannerModel(), critic=TestCriticModel(),
+    return Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(),
                     generator=generator), generator
 
 

@@ -12,16 +12,16 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from PIL import Image
 
 from interleave_thinker.context import Backends
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.generators.base import GenerationJob
+from interleave_thinker.generators.stand_in import StandInImageGenerator
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.runner import aresume, arun
 from interleave_thinker.state import RunOptions
-from interleave_thinker.tools.base import GenerationJob
-from interleave_thinker.tools.test_generator import TestImageGenerator
 
 WRITE_SECONDS = 0.3
 
 
-class SlowGenerator(TestImageGenerator):
+class SlowGenerator(StandInImageGenerator):
     """Takes long enough per call that a cancel lands inside it."""
 
     def __init__(self) -> None:
@@ -51,7 +51,7 @@ async def test_cancel_waits_for_checkpoint_writes_in_flight(
 
     monkeypatch.setattr(AsyncSqliteSaver, "aput_writes", aput_writes)
     generator = SlowGenerator()
-    backends = Backends(planner=TestPlannerModel(), critic=TestCriticModel(), generator=generator)
+    backends = Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(), generator=generator)
     options = RunOptions(width=32, height=32)
     task = asyncio.create_task(
         arun("A cat. A dog. A bird.", backends=backends, options=options, run_dir=tmp_path, thread_id="t")

@@ -26,24 +26,20 @@ from langgraph.runtime import Runtime
 from PIL import Image
 
 from conftest import RecordingGenerator, scripted
-from interleave_thinker.agent_tool import (
-    InterleaveTool,
-    create_interleave_tool,
-    thread_id_for_call,
-)
 from interleave_thinker.checkpoints.savers import make_serializer
 from interleave_thinker.context import Backends, Context
 from interleave_thinker.errors import ModelCallError
 from interleave_thinker.events import parse_event
 from interleave_thinker.graph import build_graph
-from interleave_thinker.runner import (
-    Workspace,
-    aload_document,
-    make_settings,
-    trajectory_input,
-    validate_thread_id,
-)
+from interleave_thinker.inspect import aload_document
+from interleave_thinker.runner import make_settings, trajectory_input
 from interleave_thinker.state import Document, Request, RunOptions, TrajectoryState
+from interleave_thinker.tools.agent_tool import (
+    InterleaveTool,
+    create_interleave_tool,
+    thread_id_for_call,
+)
+from interleave_thinker.workspace import Workspace, validate_thread_id
 from test_graph import plan_reply, step, verdict_reply
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "agent_with_interleave_tool.py"

@@ -90,16 +90,16 @@ STRICT_SCRIPT = textwrap.dedent(
     from interleave_thinker.context import Backends
     from interleave_thinker.errors import GeneratorError
     from interleave_thinker.graph import build_graph
-    from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+    from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
     from interleave_thinker.runner import aresume, arun
     from interleave_thinker.state import Request, RunOptions
-    from interleave_thinker.tools.test_generator import TestImageGenerator
+    from interleave_thinker.generators.stand_in import StandInImageGenerator
 
     URL, RUN_DIR = sys.argv[1], sys.argv[2]
     TEXT = "A kite rises. The wind drops. The kite lands in a tree."
 
 
-    class FailsOnSecondBatch(TestImageGenerator):
+    class FailsOnSecondBatch(StandInImageGenerator):
         async def agenerate(self, jobs):
             if len(self.batch_sizes) == 1:
                 raise GeneratorError("planned failure", hint="resume")
@@ -126,7 +126,7 @@ STRICT_SCRIPT = textwrap.dedent(
     async def main():
         assert _msgpack.STRICT_MSGPACK_ENABLED, "LANGGRAPH_STRICT_MSGPACK did not take effect"
         options = RunOptions(width=48, height=48)
-        flaky = Backends(TestPlannerModel(), TestCriticModel(), FailsOnSecondBatch())
+        flaky = Backends(StandInPlannerModel(), StandInCriticModel(), FailsOnSecondBatch())
         try:
             await arun(TEXT, profile="test", backends=flaky, options=options, thread_id="strict",
                        run_dir=RUN_DIR, checkpointer=URL)

@@ -35,13 +35,13 @@ from interleave_thinker.demo.models import (  # noqa: E402
     ensure_demo_models,
 )
 from interleave_thinker.demo.tiny_vlm import build_scripted_vlm, build_tiny_qwen3_vl  # noqa: E402
+from interleave_thinker.generators.base import GenerationJob  # noqa: E402
+from interleave_thinker.generators.diffusers_backend import DiffusersGenerator  # noqa: E402
 from interleave_thinker.models.profiles import load_profile  # noqa: E402
 from interleave_thinker.models.transformers_chat import TransformersChatModel  # noqa: E402
 from interleave_thinker.runner import arun  # noqa: E402
 from interleave_thinker.settings import load_model_settings  # noqa: E402
 from interleave_thinker.state import RunOptions  # noqa: E402
-from interleave_thinker.tools.base import GenerationJob  # noqa: E402
-from interleave_thinker.tools.diffusers_backend import DiffusersGenerator  # noqa: E402
 from test_diffusers_backend import spy_calls  # noqa: E402
 
 DEVICE = os.environ.get("TEST_CUDA_DEVICE", "cuda")

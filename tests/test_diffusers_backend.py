@@ -20,9 +20,9 @@ diffusers = pytest.importorskip("diffusers")
 
 from interleave_thinker.demo.tiny_diffusers import TINY_BUILDERS  # noqa: E402
 from interleave_thinker.errors import ConfigurationError, GeneratorError  # noqa: E402
-from interleave_thinker.tools.base import GenerationJob, ImageGenerator  # noqa: E402
-from interleave_thinker.tools.diffusers_backend import DiffusersGenerator  # noqa: E402
-from interleave_thinker.tools.pipelines import (  # noqa: E402
+from interleave_thinker.generators.base import GenerationJob, ImageGenerator  # noqa: E402
+from interleave_thinker.generators.diffusers_backend import DiffusersGenerator  # noqa: E402
+from interleave_thinker.generators.pipelines import (  # noqa: E402
     FAMILIES,
     EditMode,
     detect_family,
@@ -368,7 +368,8 @@ def test_bad_settings_are_configuration_errors(tiny_models: dict[str, Path]) -> 
 
 def test_modules_import_without_torch() -> None:
     code = (
-        "import sys; import interleave_thinker.tools.diffusers_backend, interleave_thinker.tools.pipelines, "
+        "import sys; import interleave_thinker.generators.diffusers_backend, "
+        "interleave_thinker.generators.pipelines, "
         "interleave_thinker.demo.tiny_diffusers; assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'diffusers' not in sys.modules, 'diffusers imported'"
     )

@@ -18,8 +18,9 @@ from interleave_thinker.events import (
     parse_event,
 )
 from interleave_thinker.graph import build_graph
-from interleave_thinker.runner import Workspace, arun, make_settings
+from interleave_thinker.runner import arun, make_settings
 from interleave_thinker.state import Request, RunOptions
+from interleave_thinker.workspace import Workspace
 
 REQUEST = "A kite rises. Why does it fly? The kite lands."
 

@@ -27,23 +27,25 @@ from conftest import (
     postgres_test_hosts,
 )
 from interleave_thinker import gc
-from interleave_thinker.checkpoints import image_store
-from interleave_thinker.checkpoints.image_store import ImageStore, encode_png
-from interleave_thinker.checkpoints.ledger import (
-    GenerationLedger,
-    LedgerRecord,
-    generation_key,
-    parse_record,
-)
 from interleave_thinker.checkpoints.savers import open_checkpointer
 from interleave_thinker.cli import app
 from interleave_thinker.context import Backends
 from interleave_thinker.events import ImageReady, ProgressEvent
 from interleave_thinker.gc import GarbageCollectionRefused, acollect_garbage, collect_garbage
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.inspect import aload_document, athread_report
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.render.export import referenced_images
-from interleave_thinker.runner import Workspace, aload_document, aresume, arun, athread_report
+from interleave_thinker.runner import aresume, arun
 from interleave_thinker.state import Critique, ImageRef, RunOptions
+from interleave_thinker.storage import atomic
+from interleave_thinker.storage.image_store import ImageStore, encode_png
+from interleave_thinker.storage.ledger import (
+    GenerationLedger,
+    LedgerRecord,
+    generation_key,
+    parse_record,
+)
+from interleave_thinker.workspace import Workspace
 
 OLD = time.time() - 2 * 3600
 OPTIONS = RunOptions(width=64, height=64)
@@ -59,7 +61,9 @@ class Crash(Exception):
 
 def backends(generator: RecordingGenerator | None = None) -> Backends:
     return Backends(
-        planner=TestPlannerModel(), critic=TestCriticModel(), generator=generator or RecordingGenerator()
+        planner=StandInPlannerModel(),
+        critic=StandInCriticModel(),
+        generator=generator or RecordingGenerator(),
     )
 
 
@@ -204,7 +208,7 @@ async def build_scene(run_dir: Path, url: str, tag: str) -> Scene:
     link.symlink_to(outside)
     top_level = store.root / "README"
     top_level.write_text("mine")
-    scene.temp_file = store.staging / f".tmp-{image_store._host_name()}-{dead_pid()}-k2j3.png"
+    scene.temp_file = store.staging / f".tmp-{atomic.host_name()}-{dead_pid()}-k2j3.png"
     scene.temp_file.parent.mkdir(parents=True, exist_ok=True)
     scene.temp_file.write_bytes(b"half an image")
 

@@ -7,12 +7,12 @@ from pathlib import Path
 from langgraph.runtime import Runtime
 
 from conftest import RecordingGenerator
-from interleave_thinker.checkpoints.image_store import ImageStore
-from interleave_thinker.checkpoints.ledger import GenerationLedger
 from interleave_thinker.context import Backends, Context
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.nodes.generator import generate_images
 from interleave_thinker.state import Plan, Request, RunOptions, RunSettings, Step, StepProgress
+from interleave_thinker.storage.image_store import ImageStore
+from interleave_thinker.storage.ledger import GenerationLedger
 
 
 def _state(options: RunOptions) -> dict:
@@ -30,7 +30,7 @@ def _state(options: RunOptions) -> dict:
 def _context(tmp_path: Path) -> Context:
     store = ImageStore(tmp_path / "images")
     return Context(
-        backends=Backends(planner=TestPlannerModel(), critic=TestCriticModel(),
+        backends=Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(),
                           generator=RecordingGenerator()),
         image_store=store,
         ledger=GenerationLedger(tmp_path / "generations", store),

@@ -9,11 +9,11 @@ from langchain_core.messages import ToolCall
 from langchain_tests.integration_tests import ToolsIntegrationTests
 from langchain_tests.unit_tests import ToolsUnitTests
 
-from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.errors import ImageError
+from interleave_thinker.generators.stand_in import StandInImageGenerator
 from interleave_thinker.state import ImageRef
+from interleave_thinker.storage.image_store import ImageStore
 from interleave_thinker.tools.generator_tool import GenerateImageTool
-from interleave_thinker.tools.test_generator import TestImageGenerator
 
 
 class _ToolSetup:
@@ -23,7 +23,7 @@ class _ToolSetup:
 
     @property
     def tool_constructor_params(self) -> dict:
-        return {"generator": TestImageGenerator(), "image_store": ImageStore(self.store_root)}
+        return {"generator": StandInImageGenerator(), "image_store": ImageStore(self.store_root)}
 
     @property
     def tool_invoke_params_example(self) -> dict:
@@ -43,7 +43,7 @@ class TestGeneratorToolIntegration(_ToolSetup, ToolsIntegrationTests):
 
 
 def _tool(tmp_path: Path) -> GenerateImageTool:
-    return GenerateImageTool(generator=TestImageGenerator(), image_store=ImageStore(tmp_path))
+    return GenerateImageTool(generator=StandInImageGenerator(), image_store=ImageStore(tmp_path))
 
 
 async def test_tool_call_returns_reference_artifact_and_edits_by_hash(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from langchain_core.messages import BaseMessage
 from PIL import Image
 
 from conftest import RecordingGenerator, scripted
-from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import (
     GeneratorError,
@@ -22,11 +21,13 @@ from interleave_thinker.errors import (
     TransientGeneratorError,
     UnknownThreadError,
 )
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.inspect import aload_document
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.nodes.scheduling import derive_seed
 from interleave_thinker.prompts.templates import prompts_from_messages
-from interleave_thinker.runner import aload_document, aresume, arun
+from interleave_thinker.runner import aresume, arun
 from interleave_thinker.state import Budget, RunOptions
+from interleave_thinker.storage.image_store import ImageStore
 
 # Unique per test session: a PostgreSQL database outlives the tests that write to it.
 RUN = uuid.uuid4().hex[:8]
@@ -266,7 +267,7 @@ async def test_resume_with_other_settings_is_refused(ckpt: str, run_dir: Path, s
 async def test_resume_with_other_models_is_refused(ckpt: str, run_dir: Path, small: RunOptions) -> None:
     await arun("A boat.", profile="test", options=small, run_dir=run_dir,
                checkpointer=ckpt, thread_id=f"models-{RUN}")
-    other = Backends(planner=TestPlannerModel(), critic=scripted([], name="other-critic"),
+    other = Backends(planner=StandInPlannerModel(), critic=scripted([], name="other-critic"),
                      generator=RecordingGenerator())
     with pytest.raises(SettingsMismatchError, match="critic: thread has"):
         await aresume(f"models-{RUN}", backends=other, profile="test", run_dir=run_dir,
@@ -316,14 +317,14 @@ async def test_state_holds_references_not_image_bytes(
 
 
 def _critic_sees_two_images(messages: list[BaseMessage]) -> str:
-    return TestCriticModel()._reply(messages)
+    return StandInCriticModel()._reply(messages)
 
 
 async def test_critic_receives_blank_canvas_then_previous_image(ckpt: str,
     run_dir: Path, small: RunOptions
 ) -> None:
     critic = scripted(_critic_sees_two_images)
-    await arun("A. B.", backends=backends(TestPlannerModel(), critic), options=small,
+    await arun("A. B.", backends=backends(StandInPlannerModel(), critic), options=small,
                run_dir=run_dir, checkpointer=ckpt)
     import base64
     import io

@@ -115,22 +115,18 @@ from typer.testing import CliRunner
 
 from conftest import RecordingGenerator, scripted
 from interleave_thinker.batch import arun_batch, thread_id_for
-from interleave_thinker.checkpoints import image_store
-from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.cli import app
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import ConfigurationError, ImageError
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.inspect import aload_document, athread_report
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.render import load_document_json
-from interleave_thinker.runner import (
-    aload_document,
-    aresume,
-    arun,
-    athread_report,
-    store_input_images,
-)
+from interleave_thinker.runner import aresume, arun
 from interleave_thinker.state import MAX_REQUEST_CHARS, Request, RunOptions
+from interleave_thinker.storage import image_store
+from interleave_thinker.storage.image_store import ImageStore
 from interleave_thinker.tools.generator_tool import GenerateImageTool
+from interleave_thinker.workspace import store_input_images
 from test_render import PageParts, parse_page
 
 SMALL = ["--size", "32x32"]
@@ -185,7 +181,7 @@ def listed(cli: CliRunner) -> dict[str, dict[str, Any]]:
 
 
 def stand_ins() -> Backends:
-    return Backends(planner=TestPlannerModel(), critic=TestCriticModel(),
+    return Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(),
                     generator=RecordingGenerator())
 
 

@@ -14,16 +14,16 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from interleave_thinker.checkpoints import image_store
-from interleave_thinker.checkpoints.image_store import (
+from interleave_thinker.errors import ImageError
+from interleave_thinker.state import ImageRef
+from interleave_thinker.storage import atomic, image_store
+from interleave_thinker.storage.atomic import write_atomically
+from interleave_thinker.storage.image_store import (
     MAX_IMAGE_PIXELS,
     ImageStore,
     blank_canvas,
     inspect_image,
-    write_atomically,
 )
-from interleave_thinker.errors import ImageError
-from interleave_thinker.state import ImageRef
 
 GOOD_SHA = "a" * 64
 
@@ -310,7 +310,7 @@ def test_multi_picture_jpeg_from_a_phone_is_accepted_as_jpeg(store: ImageStore) 
 def test_written_files_get_the_mode_the_umask_allows_not_0600(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
-    image_store.write_atomically(tmp_path / "f.bin", b"x")
+    atomic.write_atomically(tmp_path / "f.bin", b"x")
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
@@ -332,7 +332,7 @@ def test_put_stages_writes_outside_the_hash_folders(store: ImageStore) -> None:
 
 def test_sweep_removes_a_killed_writers_temp_file_and_keeps_a_live_ones(store: ImageStore) -> None:
     store.staging.mkdir(parents=True)
-    host = image_store._host_name()
+    host = atomic.host_name()
     dead = store.staging / f".tmp-{host}-{_dead_pid()}-abc123.png"
     live = store.staging / f".tmp-{host}-{os.getpid()}-def456.png"
     other_host = store.staging / f".tmp-elsewhere-{_dead_pid()}-ghi789.png"
@@ -347,7 +347,7 @@ def test_sweep_removes_a_killed_writers_temp_file_and_keeps_a_live_ones(store: I
     )
 
     # Files of other hosts or with old names go once they are older than the limit.
-    old = time.time() - image_store.ABANDONED_AFTER_S - 60
+    old = time.time() - atomic.ABANDONED_AFTER_S - 60
     for path in (other_host, legacy):
         os.utime(path, (old, old))
     assert sorted(store.sweep_abandoned_writes()) == sorted([other_host, legacy])
@@ -367,7 +367,7 @@ def test_a_write_killed_between_data_and_rename_is_swept_by_the_next_run(
     # A child process stops dead (os._exit skips every cleanup) right before the rename.
     code = (
         "import os, sys\n"
-        "from interleave_thinker.checkpoints.image_store import ImageStore\n"
+        "from interleave_thinker.storage.image_store import ImageStore\n"
         "os.replace = lambda *a, **k: os._exit(9)\n"
         "ImageStore(sys.argv[1]).put(bytes.fromhex(sys.argv[2]))\n"
     )

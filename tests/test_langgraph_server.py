@@ -29,15 +29,15 @@ from PIL import Image
 
 from conftest import RecordingGenerator
 from interleave_thinker import server
-from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.checkpoints.savers import make_serializer
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import ConfigurationError, GeneratorError, ImageError, SettingsMismatchError
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
-from interleave_thinker.runner import RUN_DIR_ENV
+from interleave_thinker.generators.base import GenerationJob
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.server import ServerContext
 from interleave_thinker.state import Document, ImageRef
-from interleave_thinker.tools.base import GenerationJob
+from interleave_thinker.storage.image_store import ImageStore
+from interleave_thinker.workspace import RUN_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 LANGGRAPH = Path(sys.executable).with_name("langgraph")
@@ -81,7 +81,7 @@ def served(monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> CompiledStateGraph
 
 def _use_test_backends(monkeypatch: pytest.MonkeyPatch, generator: RecordingGenerator) -> None:
     # The "test" profile with a generator the test can watch; same identities as the profile's.
-    backends = Backends(planner=TestPlannerModel(), critic=TestCriticModel(), generator=generator)
+    backends = Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(), generator=generator)
     monkeypatch.setattr(server, "_BACKENDS", {"test": backends})
 
 

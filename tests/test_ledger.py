@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from interleave_thinker.checkpoints.image_store import ImageStore
-from interleave_thinker.checkpoints.ledger import GenerationLedger, generation_key
 from interleave_thinker.state import ImageRef
+from interleave_thinker.storage.image_store import ImageStore
+from interleave_thinker.storage.ledger import GenerationLedger, generation_key
 
 FIELDS: dict[str, object] = {
     "thread": "t-1",

@@ -22,7 +22,7 @@ import pytest
 from conftest import POSTGRES_SKIP_REASON, POSTGRES_URL_ENV, postgres_test_hosts
 from interleave_thinker.batch import arun_batch, thread_id_for
 from interleave_thinker.checkpoints.savers import open_checkpointer
-from interleave_thinker.runner import alist_threads, aload_document
+from interleave_thinker.inspect import alist_threads, aload_document
 from interleave_thinker.state import RunOptions
 
 pytestmark = pytest.mark.slow

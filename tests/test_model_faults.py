@@ -33,12 +33,13 @@ from interleave_thinker.errors import (
     TransientGeneratorError,
     TransientModelError,
 )
+from interleave_thinker.generators.base import GenerationJob
 from interleave_thinker.graph import build_graph
+from interleave_thinker.inspect import alist_threads
 from interleave_thinker.nodes import retrying
-from interleave_thinker.runner import alist_threads, aresume, arun
+from interleave_thinker.runner import aresume, arun
 from interleave_thinker.settings import load_model_settings
 from interleave_thinker.state import Budget, RunOptions
-from interleave_thinker.tools.base import GenerationJob
 from test_graph import plan_reply, step, verdict_reply
 
 # ------------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from interleave_thinker.checkpoints.image_store import encode_png
 from interleave_thinker.errors import ConfigurationError, GeneratorError, TransientGeneratorError
-from interleave_thinker.tools.base import GenerationJob, ImageGenerator
-from interleave_thinker.tools.openai_images import OpenAIImagesGenerator
+from interleave_thinker.generators.base import GenerationJob, ImageGenerator
+from interleave_thinker.generators.openai_images import OpenAIImagesGenerator
+from interleave_thinker.storage.image_store import encode_png
 
 BASE_URL = "http://omni.test/v1"
 MODEL = "Qwen/Qwen-Image"

@@ -51,7 +51,6 @@ from interleave_thinker.prompts.parsing import (
     split_think_answer,
 )
 from interleave_thinker.render.json_doc import document_json, load_document_json
-from interleave_thinker.runner import THREAD_ID_PATTERN, validate_thread_id
 from interleave_thinker.settings import ModelSettings, load_model_settings
 from interleave_thinker.state import (
     Attempt,
@@ -67,6 +66,7 @@ from interleave_thinker.state import (
     StepProgress,
     parse_source,
 )
+from interleave_thinker.workspace import THREAD_ID_PATTERN, validate_thread_id
 
 # Modest budgets: the whole file runs in seconds.
 PROPERTY = settings(max_examples=150, deadline=None,

@@ -28,10 +28,11 @@ from interleave_thinker.checkpoints.postgres import mask_password, parse_url
 from interleave_thinker.checkpoints.savers import open_checkpointer
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import ConfigurationError, ModelOutputError, SettingsMismatchError
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
-from interleave_thinker.runner import alist_threads, aload_document, aresume, arun
+from interleave_thinker.generators.stand_in import DELAY_ENV
+from interleave_thinker.inspect import alist_threads, aload_document
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
+from interleave_thinker.runner import aresume, arun
 from interleave_thinker.state import RunOptions
-from interleave_thinker.tools.test_generator import DELAY_ENV
 from test_crash_resume import DELAY, REQUEST, _calls, _document, _finish, _interleave
 from test_graph import backends, plan_reply, step, verdict_reply
 
@@ -97,7 +98,7 @@ async def test_run_completes_and_resuming_the_finished_thread_draws_nothing(
     assert all(s.image is not None for s in first.document.steps)
     assert first.document_path.is_file()
     generator = RecordingGenerator()
-    same_models = Backends(planner=TestPlannerModel(), critic=TestCriticModel(), generator=generator)
+    same_models = Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(), generator=generator)
     again = await aresume(thread, profile="test", backends=same_models, run_dir=run_dir,
                           checkpointer=checkpointer_url)
     assert again.document == first.document

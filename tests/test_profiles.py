@@ -10,12 +10,12 @@ import pytest
 
 from interleave_thinker.context import model_identity
 from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.generators.diffusers_backend import DiffusersGenerator
+from interleave_thinker.generators.openai_images import OpenAIImagesGenerator
 from interleave_thinker.graph import is_transient
 from interleave_thinker.models.profiles import backends_from_settings, load_profile
 from interleave_thinker.models.transformers_chat import TransformersChatModel
 from interleave_thinker.settings import ModelSettings
-from interleave_thinker.tools.diffusers_backend import DiffusersGenerator
-from interleave_thinker.tools.openai_images import OpenAIImagesGenerator
 
 
 def test_urls_select_served_backends_and_names_select_local_ones(tmp_path) -> None:

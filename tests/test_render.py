@@ -13,7 +13,6 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image
 
-from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.errors import ConfigurationError, ImageError
 from interleave_thinker.render import (
     document_json,
@@ -30,6 +29,7 @@ from interleave_thinker.state import (
     ImageRef,
     Request,
 )
+from interleave_thinker.storage.image_store import ImageStore
 
 PAYLOADS = (
     "<script>alert(1)</script>",

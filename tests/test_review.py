@@ -12,8 +12,9 @@ from conftest import RecordingGenerator
 from interleave_thinker.cli import app
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import ConfigurationError, ReviewRequired
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
-from interleave_thinker.runner import alist_threads, aresume, arun
+from interleave_thinker.inspect import alist_threads
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
+from interleave_thinker.runner import aresume, arun
 from interleave_thinker.state import RunOptions
 
 REVIEWED = RunOptions(width=32, height=32, review_plan=True)
@@ -22,7 +23,7 @@ REQUEST = "A fox sleeps. The fox wakes. It runs away."
 
 def _backends() -> tuple[Backends, RecordingGenerator]:
     generator = RecordingGenerator()
-    return Backends(planner=TestPlannerModel(), critic=TestCriticModel(),
+    return Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(),
                     generator=generator), generator
 
 
@@ -125,7 +126,7 @@ async def test_forced_step_waits_for_a_person_to_choose_the_attempt(tmp_path: Pa
     assert second.image == second.attempts[1].image  # accepted: the policy's last attempt
     # The second step edited the image the person chose for the first.
     store_image = generator.jobs[2].source_images[0]
-    from interleave_thinker.checkpoints.image_store import ImageStore
+    from interleave_thinker.storage.image_store import ImageStore
 
     kept = ImageStore(tmp_path / "images").open(first.image)
     assert store_image.tobytes() == kept.convert("RGB").tobytes()

@@ -23,11 +23,11 @@ from typer.testing import CliRunner
 
 from conftest import POSTGRES_URL_ENV, postgres_test_hosts
 from interleave_thinker import tracing
-from interleave_thinker.checkpoints.image_store import encode_png
 from interleave_thinker.cli import app
-from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
+from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.runner import arun
 from interleave_thinker.state import RunOptions
+from interleave_thinker.storage.image_store import encode_png
 from test_openai_images import color_of, fields
 
 # Distinctive, so that finding it anywhere cannot be a coincidence.
@@ -119,7 +119,7 @@ class FakeModels:
 
         kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
         messages = [kinds[m["role"]](content=m["content"]) for m in body["messages"]]
-        model = TestPlannerModel() if body["model"] == "planner-model" else TestCriticModel()
+        model = StandInPlannerModel() if body["model"] == "planner-model" else StandInCriticModel()
         reply = model.invoke(messages).text
         return 200, {
             "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -403,7 +403,9 @@ def test_a_leaky_setting_would_be_caught(tmp_path: Path) -> None:
 
     run_dir = tmp_path / "runs"
     trace = tmp_path / "trace.jsonl"
-    backends = Backends(planner=TestPlannerModel(), critic=TestCriticModel(), generator=LeakyGenerator())
+    backends = Backends(
+        planner=StandInPlannerModel(), critic=StandInCriticModel(), generator=LeakyGenerator()
+    )
     asyncio.run(arun(REQUEST, backends=backends, options=RunOptions(width=64, height=64),
                      thread_id="leaky", run_dir=run_dir, callbacks=[JsonLinesTracer(trace)]))
     assert str(run_dir / "checkpoints.sqlite") in leaks_in_tree(run_dir)
@@ -426,8 +428,8 @@ def test_model_settings_never_hold_a_key(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def test_credentials_in_a_server_url_are_not_stored() -> None:
     from interleave_thinker.context import model_identity
+    from interleave_thinker.generators.openai_images import OpenAIImagesGenerator
     from interleave_thinker.models.served import served_chat_model
-    from interleave_thinker.tools.openai_images import OpenAIImagesGenerator
 
     url = f"https://user:{API_KEY}@models.test/v1?api-key={API_KEY}&api-version=2024-06-01"
     chat = served_chat_model("m", base_url=url, api_key="EMPTY")

@@ -18,7 +18,6 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 from PIL import Image
 
-from interleave_thinker.checkpoints.image_store import ImageStore, encode_png
 from interleave_thinker.context import model_identity
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.models.messages import image_data_block
@@ -30,6 +29,7 @@ from interleave_thinker.models.served import (
 )
 from interleave_thinker.prompts.parsing import parse_plan, parse_verdict
 from interleave_thinker.prompts.schemas import PlanAnswer, VerdictAnswer
+from interleave_thinker.storage.image_store import ImageStore, encode_png
 
 BASE_URL = "http://vllm.test/v1"
 MODEL = "InterleaveThinker/critic-7b"

@@ -19,7 +19,6 @@ from PIL import Image
 from pydantic import ValidationError
 
 from conftest import RecordingGenerator
-from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.context import Backends
 from interleave_thinker.models.messages import image_data_block
 from interleave_thinker.prompts.parsing import parse_plan, parse_verdict
@@ -27,6 +26,7 @@ from interleave_thinker.prompts.schemas import VerdictAnswer
 from interleave_thinker.prompts.templates import critic_messages, planner_messages
 from interleave_thinker.runner import arun
 from interleave_thinker.state import Request, RunOptions
+from interleave_thinker.storage.image_store import ImageStore
 from vllm_server import (
     CONSTRAINED_VERDICT,
     HOST,

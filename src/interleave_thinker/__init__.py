@@ -15,18 +15,10 @@ from interleave_thinker.errors import (
     UnknownThreadError,
 )
 from interleave_thinker.gc import GcReport, acollect_garbage, collect_garbage
+from interleave_thinker.generators.base import GenerationJob, ImageGenerator
 from interleave_thinker.graph import build_graph
-from interleave_thinker.runner import (
-    RunResult,
-    alist_threads,
-    aload_document,
-    aresume,
-    arun,
-    athread_report,
-    load_document,
-    resume,
-    run,
-)
+from interleave_thinker.inspect import alist_threads, aload_document, athread_report, load_document
+from interleave_thinker.runner import RunResult, aresume, arun, resume, run
 from interleave_thinker.settings import ModelSettings, load_model_settings
 from interleave_thinker.state import (
     Budget,
@@ -38,7 +30,6 @@ from interleave_thinker.state import (
     RunOptions,
     Step,
 )
-from interleave_thinker.tools.base import GenerationJob, ImageGenerator
 
 __all__ = [
     "Backends",

@@ -16,21 +16,15 @@ from typing import Any
 from langchain_core.callbacks import Callbacks
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from interleave_thinker.checkpoints.image_store import write_atomically
 from interleave_thinker.context import Backends, Timeouts
 from interleave_thinker.errors import ConfigurationError, InterleaveError
+from interleave_thinker.generators.coalescing import CoalescingGenerator
 from interleave_thinker.input_files import read_user_file
-from interleave_thinker.runner import (
-    Workspace,
-    choose_backends,
-    make_settings,
-    run_thread,
-    store_input_images,
-    write_html,
-)
+from interleave_thinker.runner import choose_backends, make_settings, run_thread
 from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import Request, RunOptions, request_text_problem
-from interleave_thinker.tools.coalescing import CoalescingGenerator
+from interleave_thinker.storage.atomic import write_atomically
+from interleave_thinker.workspace import Workspace, store_input_images
 
 # A prompt file line longer than this is refused rather than parsed.
 MAX_LINE_CHARS = 1_000_000
@@ -250,7 +244,7 @@ async def arun_batch(
                 document = await run_thread(
                     graph, thread_id, request, settings, context, callbacks=callbacks
                 )
-                page = write_html(workspace, thread_id, document)
+                page = workspace.write_document_page(thread_id, document)
                 outcome = PromptOutcome(
                     item.prompt.id, item.line, thread_id, "done", str(page),
                     generator_calls=document.generator_calls,

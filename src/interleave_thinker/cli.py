@@ -30,22 +30,14 @@ from interleave_thinker.events import (
     Verdict,
 )
 from interleave_thinker.input_files import read_user_file, shown_path
+from interleave_thinker.inspect import alist_threads, aload_document, athread_report
 from interleave_thinker.models.profiles import PROFILE_NOTES
 from interleave_thinker.render import export_document
-from interleave_thinker.render.export import run_dir_data
 from interleave_thinker.render.safe_text import terminal_text
-from interleave_thinker.runner import (
-    RUN_DIR_ENV,
-    RunResult,
-    Workspace,
-    alist_threads,
-    aload_document,
-    aresume,
-    arun,
-    athread_report,
-)
+from interleave_thinker.runner import RunResult, aresume, arun
 from interleave_thinker.settings import QUIET_LIBRARIES_ENV, load_model_settings
 from interleave_thinker.state import RunOptions, SelectionPolicy
+from interleave_thinker.workspace import RUN_DIR_ENV, Workspace
 
 # An edited plan is a few KB; the planner's own replies are read up to this size too.
 MAX_PLAN_BYTES = 1_000_000
@@ -859,7 +851,7 @@ def export(
     chosen: Literal["html", "md", "json"] = fmt  # type: ignore[assignment]
     path = export_document(
         document, workspace.image_store, thread_id=thread, fmt=chosen, out=target,
-        protected=run_dir_data(workspace.run_dir, workspace.checkpointer_url),
+        protected=workspace.protected_paths(),
     )
     out.print(str(path))
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from langchain_core.language_models import BaseChatModel
 
-from interleave_thinker.checkpoints.image_store import ImageStore
-from interleave_thinker.checkpoints.ledger import GenerationLedger
 from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.generators.base import ImageGenerator
 from interleave_thinker.settings import ModelSettings, redact_url
-from interleave_thinker.tools.base import ImageGenerator
+from interleave_thinker.storage.image_store import ImageStore
+from interleave_thinker.storage.ledger import GenerationLedger
 
 # Generous enough for a large diffusion model drawing a full batch on one GPU, including the
 # first call's loading of the weights from disk; a hung call is still noticed in minutes.

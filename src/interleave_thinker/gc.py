@@ -17,19 +17,19 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from interleave_thinker.checkpoints.image_store import (
+from interleave_thinker.checkpoints.savers import list_thread_ids, open_checkpointer, sqlite_path
+from interleave_thinker.errors import ConfigurationError, InterleaveError
+from interleave_thinker.settings import redact_url
+from interleave_thinker.state import MEDIA_SUFFIXES, SHA256_PATTERN, ImageRef
+from interleave_thinker.storage.atomic import (
     ABANDONED_AFTER_S,
     STAGING_DIR,
     TEMP_PREFIX,
-    _temp_prefix,
     sweep_abandoned_writes,
+    temp_file_prefix,
 )
-from interleave_thinker.checkpoints.ledger import is_generation_key, parse_record
-from interleave_thinker.checkpoints.savers import list_thread_ids, open_checkpointer, sqlite_path
-from interleave_thinker.errors import ConfigurationError, InterleaveError
-from interleave_thinker.runner import Workspace
-from interleave_thinker.settings import redact_url
-from interleave_thinker.state import MEDIA_SUFFIXES, SHA256_PATTERN, ImageRef
+from interleave_thinker.storage.ledger import is_generation_key, parse_record
+from interleave_thinker.workspace import Workspace
 
 __all__ = [
     "DEFAULT_MIN_AGE_S",
@@ -492,7 +492,7 @@ def _remove_if_still_old(path: Path, cutoff: float) -> bool:
     and writes it anew. Checking first and unlinking after would leave a gap between the two.
     """
     # The name of a temp file of this process: if gc is killed here, the next sweep removes it.
-    aside = path.with_name(f"{_temp_prefix()}gc{secrets.token_hex(4)}{path.suffix}")
+    aside = path.with_name(f"{temp_file_prefix()}gc{secrets.token_hex(4)}{path.suffix}")
     try:
         os.rename(path, aside)
     except FileNotFoundError:

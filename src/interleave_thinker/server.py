@@ -14,7 +14,6 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 
-from interleave_thinker.checkpoints.image_store import MAX_IMAGE_BYTES
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import (
     ConfigurationError,
@@ -26,12 +25,10 @@ from interleave_thinker.graph import build_graph
 from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
 from interleave_thinker.nodes.common import thread_of
 from interleave_thinker.runner import (
-    Workspace,
     check_request_text,
     make_settings,
     refuse_other_settings,
     trajectory_input,
-    write_html,
 )
 from interleave_thinker.settings import load_model_settings
 from interleave_thinker.state import (
@@ -42,6 +39,8 @@ from interleave_thinker.state import (
     RunSettings,
     TrajectoryState,
 )
+from interleave_thinker.storage.image_store import MAX_IMAGE_BYTES
+from interleave_thinker.workspace import Workspace
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -265,7 +264,7 @@ async def run_trajectory(
     )
     document = result.get("document")
     if isinstance(document, Document):
-        await asyncio.to_thread(write_html, workspace, thread_id, document)
+        await asyncio.to_thread(workspace.write_document_page, thread_id, document)
     return {key: result[key] for key in TRAJECTORY_KEYS if key in result}
 
 

@@ -16,8 +16,8 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatResult
 from pydantic import ConfigDict
 
-from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.state import ImageRef
+from interleave_thinker.storage.image_store import ImageStore
 
 REF_PREFIX = "sha256:"
 

@@ -10,8 +10,8 @@ from langchain_core.language_models import BaseChatModel
 
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.generators.base import ImageGenerator
 from interleave_thinker.settings import ModelSettings
-from interleave_thinker.tools.base import ImageGenerator
 
 ProfileFactory = Callable[[ModelSettings], Backends]
 
@@ -89,7 +89,7 @@ def _chat_model(name: str, url: str | None, settings: ModelSettings) -> BaseChat
 def _generator(settings: ModelSettings) -> ImageGenerator:
     if settings.generator_url or settings.generator.startswith("openai:"):
         try:
-            from interleave_thinker.tools.openai_images import OpenAIImagesGenerator
+            from interleave_thinker.generators.openai_images import OpenAIImagesGenerator
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise _missing_extra("openai", exc) from exc
         return OpenAIImagesGenerator(
@@ -98,7 +98,7 @@ def _generator(settings: ModelSettings) -> ImageGenerator:
             timeout=settings.request_timeout,
         )
     try:
-        from interleave_thinker.tools.diffusers_backend import DiffusersGenerator
+        from interleave_thinker.generators.diffusers_backend import DiffusersGenerator
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise _missing_extra("diffusers", exc) from exc
     return DiffusersGenerator(
@@ -122,10 +122,12 @@ def backends_from_settings(settings: ModelSettings) -> Backends:
 
 
 def _test_backends(_: ModelSettings) -> Backends:
-    from interleave_thinker.models.test_models import TestCriticModel, TestPlannerModel
-    from interleave_thinker.tools.test_generator import TestImageGenerator
+    from interleave_thinker.generators.stand_in import StandInImageGenerator
+    from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 
-    return Backends(planner=TestPlannerModel(), critic=TestCriticModel(), generator=TestImageGenerator())
+    return Backends(
+        planner=StandInPlannerModel(), critic=StandInCriticModel(), generator=StandInImageGenerator()
+    )
 
 
 def _demo_backends(settings: ModelSettings) -> Backends:

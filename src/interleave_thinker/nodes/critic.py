@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 from langgraph.runtime import Runtime
 
-from interleave_thinker.checkpoints.image_store import blank_canvas
 from interleave_thinker.context import Context, model_identity
 from interleave_thinker.events import Verdict
 from interleave_thinker.models.messages import ImageInliningChatModel, image_block
@@ -21,6 +20,7 @@ from interleave_thinker.prompts.parsing import parse_verdict
 from interleave_thinker.prompts.schemas import VerdictAnswer
 from interleave_thinker.prompts.templates import critic_messages
 from interleave_thinker.state import Attempt, Critique, StepProgress, TrajectoryState
+from interleave_thinker.storage.image_store import blank_canvas
 
 T = TypeVar("T")
 

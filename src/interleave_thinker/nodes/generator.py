@@ -10,8 +10,6 @@ from langchain_core.runnables import RunnableLambda
 from langgraph.runtime import Runtime
 from PIL import Image
 
-from interleave_thinker.checkpoints.image_store import CheckedImage, check_image, png_image
-from interleave_thinker.checkpoints.ledger import generation_key
 from interleave_thinker.context import Context
 from interleave_thinker.errors import (
     GeneratorError,
@@ -21,6 +19,7 @@ from interleave_thinker.errors import (
     TransientGeneratorError,
 )
 from interleave_thinker.events import ImageReady, StepStarted
+from interleave_thinker.generators.base import GenerationJob
 from interleave_thinker.nodes.common import emit, position, thread_of
 from interleave_thinker.nodes.retrying import bounded, is_transient, try_label
 from interleave_thinker.nodes.scheduling import (
@@ -31,7 +30,8 @@ from interleave_thinker.nodes.scheduling import (
     source_images,
 )
 from interleave_thinker.state import Attempt, ImageRef, TrajectoryState
-from interleave_thinker.tools.base import GenerationJob
+from interleave_thinker.storage.image_store import CheckedImage, check_image, png_image
+from interleave_thinker.storage.ledger import generation_key
 
 
 async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:

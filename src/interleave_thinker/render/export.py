@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
-from interleave_thinker.checkpoints.image_store import ImageStore, write_atomically
-from interleave_thinker.checkpoints.savers import sqlite_path
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.input_files import shown_path
 from interleave_thinker.render.html import render_html, validated_ref
 from interleave_thinker.render.json_doc import document_json
 from interleave_thinker.render.markdown import render_markdown
 from interleave_thinker.state import MEDIA_SUFFIXES, Document, ImageRef
+from interleave_thinker.storage.atomic import write_atomically
+from interleave_thinker.storage.image_store import ImageStore
 
 ExportFormat = Literal["html", "md", "json"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
@@ -60,20 +60,6 @@ def _copy_images(names: dict[str, tuple[ImageRef, str]], store: ImageStore, fold
             write_atomically(target, store.read(ref))
 
 
-def run_dir_data(run_dir: Path, checkpointer_url: str) -> list[Path]:
-    """What an export must never replace or write into: the checkpoint database and its
-    companion files, the image store and the generation ledger of a run directory."""
-    protected = [run_dir / "images", run_dir / "generations"]
-    if checkpointer_url.startswith("sqlite:///"):
-        database = sqlite_path(checkpointer_url)
-        protected += [database, *(database.with_name(database.name + s) for s in _SQLITE_FILES)]
-    return protected
-
-
-# SQLite keeps its write-ahead log and shared memory beside the database.
-_SQLITE_FILES = ("-wal", "-shm", "-journal")
-
-
 def _refuse_protected(target: Path, protected: Sequence[Path]) -> None:
     resolved = target.resolve()
     for path in protected:
@@ -112,7 +98,7 @@ def export_document(
     """Write ``document`` to ``out`` in ``fmt``; a Markdown export also fills ``<stem>_files/``.
 
     An existing file at ``out`` is replaced atomically (a symlink is replaced, not followed);
-    a directory, or a path in or under ``protected`` (see :func:`run_dir_data`), is refused.
+    a directory, or a path in or under ``protected`` (see ``Workspace.protected_paths``), is refused.
     Missing parent folders are created.
     """
     out = Path(out)

@@ -9,10 +9,10 @@ from html import escape
 
 from pydantic import ValidationError
 
-from interleave_thinker.checkpoints.image_store import ImageStore
 from interleave_thinker.errors import ImageError
 from interleave_thinker.render.safe_text import display_text
 from interleave_thinker.state import Attempt, Critique, Document, DocumentStep, ImageRef
+from interleave_thinker.storage.image_store import ImageStore
 
 TITLE_LENGTH = 80
 

@@ -9,10 +9,10 @@ from typing import Any
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ConfigDict, Field
 
-from interleave_thinker.checkpoints.image_store import ImageStore, encode_png
 from interleave_thinker.errors import GeneratorError
+from interleave_thinker.generators.base import GenerationJob, ImageGenerator
 from interleave_thinker.state import ImageRef
-from interleave_thinker.tools.base import GenerationJob, ImageGenerator
+from interleave_thinker.storage.image_store import ImageStore, encode_png
 
 
 class GenerateImageInput(BaseModel):

@@ -21,18 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from interleave_thinker.context import Backends
 from interleave_thinker.events import ProgressEvent
 from interleave_thinker.models.profiles import PROFILE_NOTES
-from interleave_thinker.runner import (
-    EventHandler,
-    RunResult,
-    arun,
-    new_thread_id,
-)
+from interleave_thinker.runner import EventHandler, RunResult, arun
 from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import (
     Document,
     ImageRef,
     RunOptions,
 )
+from interleave_thinker.workspace import new_thread_id
 
 TOOL_NAME = "interleave_document"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from interleave_thinker.tools.base import GenerationJob, ImageGenerator
+from interleave_thinker.generators.base import GenerationJob, ImageGenerator
 
 
 @dataclass

@@ -14,15 +14,15 @@ from typing import Any
 from PIL import Image
 
 from interleave_thinker.errors import ConfigurationError, GeneratorError
-from interleave_thinker.settings import quiet_library
-from interleave_thinker.tools.base import GenerationJob
-from interleave_thinker.tools.pipelines import (
+from interleave_thinker.generators.base import GenerationJob
+from interleave_thinker.generators.pipelines import (
     EditMode,
     PipelineFamily,
     SourceSharing,
     detect_family,
     read_model_index,
 )
+from interleave_thinker.settings import quiet_library
 
 __all__ = ["DiffusersGenerator"]
 

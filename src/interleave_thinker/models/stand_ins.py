@@ -58,7 +58,7 @@ def split_request(text: str) -> list[str]:
     return parts
 
 
-class TestPlannerModel(_RuleBasedChatModel):
+class StandInPlannerModel(_RuleBasedChatModel):
     """Splits the request into steps; a part ending in '?' becomes a text-only answer step."""
 
     __test__ = False
@@ -103,7 +103,7 @@ class TestPlannerModel(_RuleBasedChatModel):
         )
 
 
-class TestCriticModel(_RuleBasedChatModel):
+class StandInCriticModel(_RuleBasedChatModel):
     """Rejects the first attempt of roughly half of the steps (chosen by a hash of the prompt).
 
     An attempt is rejected when it used the planned prompt unchanged and the planned prompt's

@@ -16,10 +16,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from interleave_thinker.checkpoints.image_store import encode_png
 from interleave_thinker.errors import ConfigurationError, GeneratorError, TransientGeneratorError
+from interleave_thinker.generators.base import GenerationJob
 from interleave_thinker.settings import redact_url
-from interleave_thinker.tools.base import GenerationJob
+from interleave_thinker.storage.image_store import encode_png
 
 __all__ = ["OpenAIImagesGenerator"]
 

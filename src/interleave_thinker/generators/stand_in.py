@@ -12,13 +12,13 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
-from interleave_thinker.tools.base import GenerationJob
+from interleave_thinker.generators.base import GenerationJob
 
 DELAY_ENV = "INTERLEAVE_TEST_GENERATOR_DELAY"
 CALL_LOG_ENV = "INTERLEAVE_TEST_CALL_LOG"
 
 
-class TestImageGenerator:
+class StandInImageGenerator:
     """Not a model: a deterministic drawing, so the graph can be run and tested without weights.
 
     Per backend call (one batch) it sleeps ``$INTERLEAVE_TEST_GENERATOR_DELAY`` seconds; per image

@@ -1,14 +1,10 @@
-"""Content-addressed image files under the run directory: atomic writes, verified reads."""
+"""Content-addressed image files under the run directory: checked on the way in, verified on read."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import os
-import re
-import socket
-import tempfile
-import time
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -18,6 +14,7 @@ from PIL import Image
 
 from interleave_thinker.errors import ImageError
 from interleave_thinker.state import MEDIA_SUFFIXES, SHA256_PATTERN, ImageRef
+from interleave_thinker.storage.atomic import STAGING_DIR, sweep_abandoned_writes, write_atomically
 
 # Phone cameras often write multi-picture JPEGs, which Pillow reports as MPO.
 _PIL_MEDIA_TYPES = {
@@ -32,97 +29,36 @@ MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 
-def _file_mode() -> int:
-    # mkstemp creates 0600 files; give finished files the mode open() would, under the umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+# The signatures every PNG, JPEG and WebP file starts with, and some formats people try instead.
+_ACCEPTED_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+_OTHER_FORMATS = (
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"%PDF-", "a PDF document"),
+)
 
 
-_FILE_MODE = _file_mode()
+def not_an_image(data: bytes) -> str | None:
+    """What is wrong when the bytes are no PNG, JPEG or WebP file, else None (decode them).
 
-
-# Temporary files name their writer (host and process), so that a later run can tell a write
-# that was killed half-way from one that another live process is still making.
-STAGING_DIR = ".incoming"
-TEMP_PREFIX = ".tmp-"
-# A temp file of another host, or of a process that cannot be checked, is left this long.
-ABANDONED_AFTER_S = 24 * 3600
-
-
-def _host_name() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
-
-
-def _temp_prefix() -> str:
-    return f"{TEMP_PREFIX}{_host_name()}-{os.getpid()}-"
-
-
-def write_atomically(path: Path, data: bytes, *, staging: Path | None = None) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either no file or the whole file.
-
-    The data goes to a temp file first (in ``staging`` if given, on the same file system,
-    else beside ``path``), is synced, then renamed into place.
+    Read from the first bytes only, so that a user's GIF, PDF or HTML page is named for what it
+    is before any decoding; :func:`inspect_image` then decodes what passes.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp_dir = staging or path.parent
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=temp_dir, prefix=_temp_prefix(), suffix=path.suffix)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    # The rename itself must reach the disk, or a power cut can undo it.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _writer_is_gone(name: str, host: str) -> bool:
-    """True when a temp file's name says it was written on this host by a process now dead."""
-    match = re.fullmatch(re.escape(TEMP_PREFIX) + r"(.+)-(\d+)-[^-]+", name)
-    if match is None or match.group(1) != host:
-        return False
-    try:
-        os.kill(int(match.group(2)), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        return False
-    return False
-
-
-def sweep_abandoned_writes(folder: Path, *, older_than_s: float = ABANDONED_AFTER_S) -> list[Path]:
-    """Remove temp files in ``folder`` left by killed writers; return what was removed.
-
-    A file goes when its writer was a process of this host that no longer exists, or when it
-    is older than ``older_than_s`` (writers on other hosts sharing the folder, old names).
-    """
-    removed: list[Path] = []
-    host, now = _host_name(), time.time()
-    try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
-            continue
-        try:
-            stale = now - entry.stat(follow_symlinks=False).st_mtime > older_than_s
-            if stale or _writer_is_gone(entry.name, host):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-        except FileNotFoundError:
-            continue
-    return removed
+    if not data:
+        return "is empty (0 bytes)"
+    if data.startswith(_ACCEPTED_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return None
+    for signature, name in _OTHER_FORMATS:
+        if data.startswith(signature):
+            return f"is {name}, not PNG, JPEG or WebP"
+    head = data[:1024].lstrip().lower()
+    if b"<svg" in head:
+        return "is an SVG file (vector graphics), not PNG, JPEG or WebP"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "is an HTML page, not PNG, JPEG or WebP"
+    return "is not a PNG, JPEG or WebP file (its first bytes match none of them)"
 
 
 def inspect_image(data: bytes, *, what: str = "image") -> tuple[str, int, int]:

@@ -10,13 +10,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from interleave_thinker.checkpoints.image_store import (
-    STAGING_DIR,
-    ImageStore,
-    sweep_abandoned_writes,
-    write_atomically,
-)
 from interleave_thinker.state import ImageRef
+from interleave_thinker.storage.atomic import STAGING_DIR, sweep_abandoned_writes, write_atomically
+from interleave_thinker.storage.image_store import ImageStore
 
 
 def generation_key(**fields: object) -> str:

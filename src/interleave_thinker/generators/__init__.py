@@ -1,0 +1,1 @@
+"""Image generator backends: the interface, diffusers in-process, OpenAI-compatible Images APIs."""
