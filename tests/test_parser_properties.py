@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from interleave_thinker.batch import read_prompt_file, thread_id_for
 from interleave_thinker.checkpoints.postgres import parse_url
-from interleave_thinker.cli import _parse_size
+from interleave_thinker.cli.options import parse_size
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.events import (
     DocumentReady,
@@ -237,7 +237,8 @@ def test_valid_verdicts_read_back_exactly(success: tuple[Any, bool], refine: str
                 and math.isfinite(score) and 0 <= score <= 10)
     assert critique == Critique(
         success=meant,
-        refine_prompt=None if kept is None or kept.lower() in NULLISH else kept,
+        # On success there is nothing to refine: critics echo the prompt they were shown.
+        refine_prompt=None if meant or kept is None or kept.lower() in NULLISH else kept,
         reasoning=thinking.strip(),
         # The optional score is kept only when it is a number from 0 to 10.
         score=float(score) if in_range else None,
@@ -378,14 +379,14 @@ def test_events_read_back_from_their_stream_form(event: Any) -> None:
 
 
 # ================================================================================================
-# CLI --size (cli.py)
+# CLI --size (cli/options.py)
 
 
 @PROPERTY
 @given(st.text(max_size=20) | st.sampled_from(["²x2", "٣x٣", "1" * 5000 + "x2", "64x64\n", "0x0"]))
 def test_size_option_gives_ascii_numbers_or_a_configuration_error(text: str) -> None:
     try:
-        width, height = _parse_size(text)
+        width, height = parse_size(text)
     except ConfigurationError as error:
         assert "is not WIDTHxHEIGHT" in error.message and len(error.message) < 100
         return
@@ -397,7 +398,7 @@ def test_size_option_gives_ascii_numbers_or_a_configuration_error(text: str) -> 
 @PROPERTY
 @given(st.integers(0, 999_999), st.integers(0, 999_999), st.sampled_from(["x", "X"]), st.integers(0, 3))
 def test_size_option_reads_back(width: int, height: int, sep: str, zeros: int) -> None:
-    assert _parse_size(f"{'0' * zeros}{width}{sep}{height}") == (width, height)
+    assert parse_size(f"{'0' * zeros}{width}{sep}{height}") == (width, height)
 
 
 # ================================================================================================

@@ -1,0 +1,29 @@
+"""The ``interleave`` command: run, resume, list, show and export trajectories."""
+
+from __future__ import annotations
+
+import typer
+
+from interleave_thinker.cli.generation import batch, demo, resume, run
+from interleave_thinker.cli.threads import collect_garbage, export, list_threads, show
+
+app = typer.Typer(
+    name="interleave",
+    help="Interleaved text-image generation: a planner writes the steps, a generator draws "
+    "each one, a critic checks every image and asks for a redraw when it is wrong.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# In this order in `interleave --help`.
+app.command()(run)
+app.command()(resume)
+app.command()(demo)
+app.command()(batch)
+app.command("list")(list_threads)
+app.command()(show)
+app.command()(export)
+app.command("gc")(collect_garbage)
+
+__all__ = ["app"]

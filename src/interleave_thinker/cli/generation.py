@@ -1,0 +1,241 @@
+"""The commands that run trajectories: run, resume, demo and batch."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from interleave_thinker.cli.common import err, out, quiet_libraries, reports_errors
+from interleave_thinker.cli.options import (
+    NO_FLAGS,
+    CheckpointerOption,
+    RunDirOption,
+    RunFlags,
+    ThreadOption,
+    run_flags,
+)
+from interleave_thinker.cli.progress import BatchProgress, Progress, finish
+from interleave_thinker.cli.review import review_answer, review_then_resume
+from interleave_thinker.errors import ReviewRequired
+from interleave_thinker.runner import aresume, arun
+from interleave_thinker.state import RunOptions
+
+if TYPE_CHECKING:
+    from interleave_thinker.batch import BatchReport
+
+# Small images keep the demo's tiny FLUX.2-klein fast on a CPU.
+DEMO_OPTIONS = RunOptions(width=64, height=64)
+
+ImageOption = Annotated[
+    list[Path] | None,
+    typer.Option("--image", help="Input image (guidance mode); repeat for several."),
+]
+ReviewPlanOption = Annotated[
+    bool,
+    typer.Option(
+        "--review-plan",
+        help="Pause after planning: edit the plan (in $EDITOR, or a file) before drawing.",
+    ),
+]
+ReviewForcedOption = Annotated[
+    bool,
+    typer.Option(
+        "--review-forced",
+        help="Pause before a step is committed as forced and choose the attempt to keep.",
+    ),
+]
+AcceptFinalOption = Annotated[
+    bool,
+    typer.Option(
+        "--accept-final-without-critic",
+        help="Keep a step's last allowed attempt without asking the critic (the paper).",
+    ),
+]
+PlanOption = Annotated[
+    Path | None, typer.Option("--plan", help="Edited plan (JSON) for a thread under review.")
+]
+AcceptPlanOption = Annotated[
+    bool, typer.Option("--accept-plan", help="Keep the plan of a thread under review.")
+]
+KeepOption = Annotated[
+    list[str] | None,
+    typer.Option("--keep", help="STEP=ATTEMPT: the attempt a forced step keeps (repeat)."),
+]
+AcceptForcedOption = Annotated[
+    bool,
+    typer.Option("--accept-forced", help="Keep the selection policy's attempts."),
+]
+PromptsArgument = Annotated[
+    Path, typer.Argument(help="JSONL file: {\"id\", \"text\", \"images\"} per line.")
+]
+ConcurrencyOption = Annotated[int, typer.Option("--concurrency", help="Trajectories running at once.")]
+ShardOption = Annotated[
+    str, typer.Option("--shard", help="I/N: run the I-th of N shards (one per machine).")
+]
+MaxBatchOption = Annotated[
+    int, typer.Option("--max-batch", help="Most generator jobs merged into one call.")
+]
+MaxInFlightOption = Annotated[
+    int,
+    typer.Option(
+        "--max-in-flight",
+        min=0,
+        help="Generator calls running at once; jobs gather into the next batch meanwhile "
+        "(1: one GPU; 0: no limit, for a server that takes concurrent calls).",
+    ),
+]
+
+
+@reports_errors
+@run_flags()
+def run(
+    text: Annotated[str, typer.Argument(help="What to generate: a story, a guide, a task.")],
+    image: ImageOption = None,
+    thread: ThreadOption = None,
+    flags: RunFlags = NO_FLAGS,
+    review_plan: ReviewPlanOption = False,
+    review_forced: ReviewForcedOption = False,
+    accept_final_without_critic: AcceptFinalOption = False,
+) -> None:
+    """Plan, draw and check a whole interleaved document; prints the HTML path last."""
+    quiet_libraries()
+    options = RunOptions().with_changes(**flags.option_changes()).with_changes(
+        accept_final_without_critic=accept_final_without_critic or None,
+        review_plan=review_plan or None,
+        review_forced=review_forced or None,
+    )
+    try:
+        result = asyncio.run(
+            arun(
+                text,
+                images=image or [],
+                profile=flags.profile,
+                model_settings=flags.model_settings(),
+                options=options,
+                thread_id=thread,
+                run_dir=flags.run_dir,
+                checkpointer=flags.checkpointer,
+                on_event=Progress(),
+                callbacks=flags.callbacks(),
+            )
+        )
+    except ReviewRequired as paused:
+        result = review_then_resume(paused, flags.run_dir, flags.checkpointer, flags.trace_file)
+        if result is None:
+            return
+    finish(result)
+
+
+@reports_errors
+@run_flags()
+def resume(
+    thread: Annotated[str, typer.Argument(help="The thread id printed by `interleave run`.")],
+    flags: RunFlags = NO_FLAGS,
+    plan: PlanOption = None,
+    accept_plan: AcceptPlanOption = False,
+    keep: KeepOption = None,
+    accept_forced: AcceptForcedOption = False,
+) -> None:
+    """Continue a thread from its last checkpoint (settings given must match the thread's)."""
+    quiet_libraries()
+    changes = flags.option_changes()
+    try:
+        result = asyncio.run(
+            aresume(
+                thread,
+                profile=flags.profile,
+                model_settings=flags.model_settings(),
+                changes=changes,
+                review=review_answer(plan, accept_plan, keep, accept_forced),
+                run_dir=flags.run_dir,
+                checkpointer=flags.checkpointer,
+                on_event=Progress(),
+                callbacks=flags.callbacks(),
+            )
+        )
+    except ReviewRequired as paused:
+        result = review_then_resume(paused, flags.run_dir, flags.checkpointer, flags.trace_file)
+        if result is None:
+            return
+    finish(result)
+
+
+@reports_errors
+def demo(
+    run_dir: RunDirOption = None,
+    checkpointer: CheckpointerOption = None,
+    thread: ThreadOption = None,
+) -> None:
+    """Run the real pipeline offline on tiny models (CPU, under a minute); the pictures are noise."""
+    from interleave_thinker.demo.models import DEMO_REQUEST, demo_dir
+
+    quiet_libraries()
+    err.print(f"demo: tiny models with random or scripted weights, built once in {demo_dir()}")
+    err.print(f"request: {DEMO_REQUEST}")
+    result = asyncio.run(
+        arun(
+            DEMO_REQUEST,
+            profile="demo",
+            options=DEMO_OPTIONS,
+            thread_id=thread,
+            run_dir=run_dir,
+            checkpointer=checkpointer,
+            on_event=Progress(),
+        )
+    )
+    finish(result)
+
+
+@reports_errors
+@run_flags(omit=("max_steps", "max_reasks"))
+def batch(
+    prompts: PromptsArgument,
+    concurrency: ConcurrencyOption = 4,
+    shard: ShardOption = "0/1",
+    max_batch: MaxBatchOption = 8,
+    max_in_flight: MaxInFlightOption = 1,
+    flags: RunFlags = NO_FLAGS,
+) -> None:
+    """Run every prompt of a file as its own thread; rerunning resumes and skips finished ones."""
+    from interleave_thinker.batch import arun_batch, parse_shard
+
+    quiet_libraries()
+    options = RunOptions().with_changes(**flags.option_changes())
+    with BatchProgress() as progress:
+        report = asyncio.run(
+            arun_batch(
+                prompts,
+                profile=flags.profile,
+                model_settings=flags.model_settings(),
+                options=options,
+                concurrency=concurrency,
+                shard=parse_shard(shard),
+                max_batch=max_batch,
+                max_in_flight=max_in_flight or None,
+                run_dir=flags.run_dir,
+                checkpointer=flags.checkpointer,
+                on_progress=progress.update,
+                callbacks=flags.callbacks(),
+            )
+        )
+    _print_batch_report(report, prompts)
+    if report.failed or report.bad_lines:
+        raise typer.Exit(1)
+
+
+def _print_batch_report(report: BatchReport, prompts: Path) -> None:
+    """Each invalid line and failed prompt, then the counts on stderr; the index path on stdout."""
+    for bad in report.bad_lines:
+        err.print(f"error: {prompts}:{bad.line}: {bad.error}")
+    for outcome in report.outcomes:
+        if outcome.status == "failed":
+            err.print(f"error: prompt {outcome.prompt_id!r} (line {outcome.line}): {outcome.error}")
+    done = len(report.outcomes) - report.failed
+    err.print(
+        f"done: {done} finished, {report.failed} failed, {len(report.bad_lines)} invalid lines; "
+        f"{report.backend_calls} generator backend calls; manifest {report.manifest}"
+    )
+    out.print(str(report.index))
