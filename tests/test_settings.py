@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from interleave_thinker.errors import ConfigurationError
-from interleave_thinker.settings import DEFAULT_CRITIC, DEFAULT_PLANNER, load_model_settings
+from interleave_thinker.settings import DEFAULT_CRITIC, DEFAULT_PLANNER, find_api_key, load_model_settings
 
 
 @pytest.fixture(autouse=True)
@@ -45,3 +45,15 @@ def test_bad_settings_are_clear_errors(tmp_path: Path) -> None:
         load_model_settings(typo)
     with pytest.raises(ConfigurationError, match="steps"):
         load_model_settings(steps=0)
+
+
+def test_the_api_key_is_given_else_ours_else_openais(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("INTERLEAVE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert find_api_key() is None and find_api_key("sk-given") == "sk-given"
+    monkeypatch.setenv("OPENAI_API_KEY", " sk-openai ")
+    assert find_api_key() == "sk-openai"
+    monkeypatch.setenv("INTERLEAVE_API_KEY", "sk-ours")
+    assert find_api_key() == "sk-ours" and find_api_key("sk-given") == "sk-given"
+    monkeypatch.setenv("INTERLEAVE_API_KEY", "   ")  # blank counts as unset
+    assert find_api_key() == "sk-openai" and find_api_key("") == "sk-openai"

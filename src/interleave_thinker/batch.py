@@ -17,7 +17,7 @@ from langchain_core.callbacks import Callbacks
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from interleave_thinker.context import Backends, Timeouts
-from interleave_thinker.errors import ConfigurationError, InterleaveError
+from interleave_thinker.errors import ConfigurationError, InterleaveError, one_line
 from interleave_thinker.generators.coalescing import CoalescingGenerator
 from interleave_thinker.input_files import read_user_file
 from interleave_thinker.runner import choose_backends, make_settings, run_thread
@@ -101,7 +101,7 @@ def read_prompt_file(path: Path) -> tuple[list[PromptLine], list[BadLine]]:
             raw = _decode_line(raw_bytes)
             prompt = BatchPrompt.model_validate(json.loads(raw))
         except (ValueError, ValidationError) as exc:
-            bad.append(BadLine(number, _one_line(exc)))
+            bad.append(BadLine(number, one_line(exc)))
             continue
         except RecursionError:
             bad.append(BadLine(number, "the JSON is nested too deeply"))
@@ -122,14 +122,6 @@ def _decode_line(raw: bytes) -> str:
             f"the line is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
             "save the file as UTF-8"
         ) from exc
-
-
-def _one_line(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "line"
-        return f"{where}: {first['msg'].removeprefix('Value error, ')}"
-    return " ".join(str(exc).split())
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -251,7 +243,7 @@ async def arun_batch(
                 )
             except (InterleaveError, ValidationError, OSError) as exc:
                 # One prompt's failure is recorded and the others go on.
-                message = exc.message if isinstance(exc, InterleaveError) else _one_line(exc)
+                message = exc.message if isinstance(exc, InterleaveError) else one_line(exc)
                 outcome = PromptOutcome(
                     item.prompt.id, item.line, thread_id, "failed", error=" ".join(message.split())
                 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class InterleaveError(Exception):
     """Base of every error the CLI reports as one line plus a hint."""
@@ -13,6 +15,27 @@ class InterleaveError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message as one line, to quote a cause inside another error message.
+
+    A pydantic ``ValidationError`` gives its first error as ``field: message`` (plus how many
+    more there are); any other exception the first line of its text (later lines of library
+    errors are tracebacks, URLs or dumps), or its type name when the text is empty. Runs of
+    whitespace become one space.
+    """
+    if isinstance(exc, ValidationError) and exc.error_count():
+        errors = exc.errors()
+        where = ".".join(str(part) for part in errors[0]["loc"])
+        text = errors[0]["msg"].removeprefix("Value error, ")
+        if where:
+            text = f"{where}: {text}"
+        if len(errors) > 1:
+            text += f" (and {len(errors) - 1} more)"
+    else:
+        text = (str(exc).strip().splitlines() or [""])[0]
+    return " ".join(text.split()) or type(exc).__name__
 
 
 class ImageError(InterleaveError):

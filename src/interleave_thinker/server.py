@@ -20,6 +20,7 @@ from interleave_thinker.errors import (
     ImageError,
     InterleaveError,
     SettingsMismatchError,
+    one_line,
 )
 from interleave_thinker.graph import build_graph
 from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
@@ -151,10 +152,6 @@ def _errors_shown_to_client(
     return wrapper
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
 def _chosen_profile(from_input: str | None, context: ServerContext | None) -> str:
     from_context = context.profile if context is not None else None
     if from_input and from_context and from_input != from_context:
@@ -177,7 +174,7 @@ def _options(raw: object) -> RunOptions:
         return RunOptions().with_changes(**raw)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigurationError(
-            f"options are not valid: {_one_line(exc)}",
+            f"options are not valid: {one_line(exc)}",
             hint="use RunOptions field names; budget fields may be named directly",
         ) from exc
 

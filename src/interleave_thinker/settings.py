@@ -17,7 +17,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.errors import ConfigurationError, one_line
 
 CONFIG_ENV = "INTERLEAVE_CONFIG"
 # Set by the CLI: backends then turn off their library's own loading bars when they import it.
@@ -110,7 +110,7 @@ def load_model_settings(config_file: str | os.PathLike[str] | None = None, **fla
         loaded = _WithFile(**{name: value for name, value in flags.items() if value is not None})
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         # tomllib recurses on nested arrays: a file of thousands of '[' exhausts the stack.
-        problem = "it nests too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())
+        problem = "it nests too deeply" if isinstance(exc, RecursionError) else one_line(exc)
         raise ConfigurationError(
             f"settings file {path} is not valid TOML: {problem}",
             hint="fix the file (UTF-8 text, key = value lines) or pass another with --config",
@@ -123,6 +123,26 @@ def load_model_settings(config_file: str | os.PathLike[str] | None = None, **fla
             hint=f"check the flag, the INTERLEAVE_{where.upper()} variable or the settings file",
         ) from exc
     return ModelSettings.model_construct(**loaded.model_dump())
+
+
+# Where served chat models and the OpenAI Images generator find their key, in this order. Our own
+# variable first, so a served model's key never has to pose as an OpenAI key.
+API_KEY_ENV = ("INTERLEAVE_API_KEY", "OPENAI_API_KEY")
+
+
+def find_api_key(explicit: str | None = None) -> str | None:
+    """``explicit`` when given, else the first of ``$INTERLEAVE_API_KEY`` and ``$OPENAI_API_KEY``
+    that is set and not blank (stripped), else None.
+
+    Read at call time, never stored in settings: a key must not reach threads or reports.
+    """
+    if explicit:
+        return explicit
+    for variable in API_KEY_ENV:
+        value = os.environ.get(variable, "").strip()
+        if value:
+            return value
+    return None
 
 
 # Query parameters whose values are credentials (api-key=..., token=..., sig=...).

@@ -13,7 +13,8 @@ from typing import Any
 
 from PIL import Image
 
-from interleave_thinker.errors import ConfigurationError, GeneratorError
+from interleave_thinker.devices import resolve_device, resolve_dtype, torch_dtype
+from interleave_thinker.errors import ConfigurationError, GeneratorError, one_line
 from interleave_thinker.generators.base import GenerationJob
 from interleave_thinker.generators.pipelines import (
     EditMode,
@@ -27,14 +28,6 @@ from interleave_thinker.settings import quiet_library
 __all__ = ["DiffusersGenerator"]
 
 INSTALL_HINT = "install the backend with: pip install 'interleave-thinker[diffusers]'"
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -78,9 +71,9 @@ class DiffusersGenerator:
         default_steps, default_guidance = self.family.defaults(config)
         self.steps = steps if steps is not None else default_steps
         self.guidance = float(guidance) if guidance is not None else default_guidance
-        torch = _import_torch()
-        self.device = _resolve_device(torch, device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        _import_torch()  # names the extra to install when torch is missing
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         if cpu_offload and self.device.split(":")[0] == "cpu":
             raise ConfigurationError(
                 "cpu_offload needs a GPU: it moves each model to the GPU only while it runs",
@@ -196,7 +189,7 @@ class DiffusersGenerator:
                 ) from exc
             except (ValueError, RuntimeError, TypeError) as exc:
                 raise GeneratorError(
-                    f"{self.family.pipeline_class} failed on {len(jobs)} job(s): {_first_line(exc)}",
+                    f"{self.family.pipeline_class} failed on {len(jobs)} job(s): {one_line(exc)}",
                     hint="see the chained exception for the pipeline's own message",
                 ) from exc
         images = [image.convert("RGB") for image in output.images]
@@ -249,12 +242,12 @@ class DiffusersGenerator:
             pipe = pipeline_class.from_pretrained(self._location, **kwargs)
         except ImportError as exc:
             raise ConfigurationError(
-                f"loading {self.model} needs a package that is not installed: {_first_line(exc)}",
+                f"loading {self.model} needs a package that is not installed: {one_line(exc)}",
                 hint=INSTALL_HINT,
             ) from exc
         except Exception as exc:  # from_pretrained raises many types; all mean "this model cannot load"
             raise ConfigurationError(
-                f"cannot load {self.model} as {self.family.pipeline_class}: {_first_line(exc)}",
+                f"cannot load {self.model} as {self.family.pipeline_class}: {one_line(exc)}",
                 hint=self._load_hint(),
             ) from exc
         try:
@@ -298,15 +291,14 @@ class DiffusersGenerator:
         except Exception as exc:  # hub errors come in many types
             raise ConfigurationError(
                 f"cannot read model_index.json of {self.model!r} (no such local folder, and the hub "
-                f"lookup failed): {_first_line(exc)}",
+                f"lookup failed): {one_line(exc)}",
                 hint=self._load_hint()
                 + "; or name the pipeline class (generator_pipeline setting, pipeline=) "
                 "to skip the lookup",
             ) from exc
 
     def _torch_dtype(self) -> Any:
-        torch = _import_torch()
-        return getattr(torch, self.dtype)
+        return torch_dtype(self.dtype)
 
 
 def _import_torch() -> Any:
@@ -323,7 +315,7 @@ def _import_backend() -> tuple[Any, Any]:
         import diffusers
     except ImportError as exc:
         raise ConfigurationError(
-            f"the diffusers generator needs diffusers and transformers: {_first_line(exc)}", hint=INSTALL_HINT
+            f"the diffusers generator needs diffusers and transformers: {one_line(exc)}", hint=INSTALL_HINT
         ) from exc
     quiet_library(diffusers.utils.logging)
     return torch, diffusers
@@ -357,26 +349,6 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
-def _resolve_device(torch: Any, device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigurationError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N") from exc
-    return device
-
-
-def _resolve_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        # bfloat16 is what the released models are trained in; CPUs are slow or inexact in it.
-        return "bfloat16" if device.startswith("cuda") else "float32"
-    name = _DTYPES.get(dtype.lower())
-    if name is None:
-        raise ConfigurationError(f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16")
-    return name
-
-
 def _size_multiple(pipe: Any) -> int:
     """The pixel grid a pipeline draws on: its VAE factor, times the 2x2 latent patches of transformers."""
     scale = int(getattr(pipe, "vae_scale_factor", 8))
@@ -399,8 +371,3 @@ def _fingerprint(image: Image.Image) -> str:
     digest = hashlib.sha256(f"{image.mode}:{image.size}".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

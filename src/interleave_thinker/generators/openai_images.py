@@ -8,7 +8,6 @@ import binascii
 import hashlib
 import io
 import json
-import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,15 +15,14 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from interleave_thinker.errors import ConfigurationError, GeneratorError, TransientGeneratorError
+from interleave_thinker.errors import ConfigurationError, GeneratorError, TransientGeneratorError, one_line
 from interleave_thinker.generators.base import GenerationJob
-from interleave_thinker.settings import redact_url
+from interleave_thinker.settings import find_api_key, redact_url
 from interleave_thinker.storage.image_store import encode_png
 
 __all__ = ["OpenAIImagesGenerator"]
 
 INSTALL_HINT = "install the served-model extra: pip install 'interleave-thinker[openai]'"
-API_KEY_ENV = ("INTERLEAVE_API_KEY", "OPENAI_API_KEY")
 # Pinned rather than left to the SDK, which would follow $OPENAI_BASE_URL behind the identity's back.
 OPENAI_URL = "https://api.openai.com/v1"
 # OpenAI's limit on n; one request never asks for more.
@@ -93,7 +91,7 @@ class OpenAIImagesGenerator:
             send_response_format = not model.lower().startswith(_BASE64_ONLY_PREFIXES)
         self.send_response_format = send_response_format
         self.max_concurrency = max_concurrency
-        self._api_key = api_key or _env_key() or "EMPTY"
+        self._api_key = find_api_key(api_key) or "EMPTY"
         self._http_client = http_client
         # Stored in threads and shown in reports: credentials in the URL are masked.
         shown_url = redact_url(base_url) if base_url else "api.openai.com"
@@ -208,7 +206,7 @@ class OpenAIImagesGenerator:
         except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
             # The SDK lets a bare JSONDecodeError out when a 200's body is not JSON.
             raise GeneratorError(
-                f"{self._where(job)}: the image server's reply is not JSON: {_first_line(exc)}",
+                f"{self._where(job)}: the image server's reply is not JSON: {one_line(exc)}",
                 hint=f"check that {self._shown_url()} is an OpenAI-compatible Images API",
             ) from exc
         return self._decode(response, n, job)
@@ -352,14 +350,6 @@ def _decoded_image(encoded: str, where: str, hint: str) -> bytes:
     return data
 
 
-def _env_key() -> str | None:
-    for variable in API_KEY_ENV:
-        value = os.environ.get(variable, "").strip()
-        if value:
-            return value
-    return None
-
-
 def _server_message(exc: Any) -> str:
     body = getattr(exc, "body", None)
     if isinstance(body, dict):
@@ -377,9 +367,4 @@ def _server_message(exc: Any) -> str:
 
 def _cause(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
-    return _first_line(cause) if cause is not None else _first_line(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    return one_line(cause) if cause is not None else one_line(exc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,8 +11,8 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel
 
-from interleave_thinker.errors import ConfigurationError, InterleaveError
-from interleave_thinker.settings import redact_url
+from interleave_thinker.errors import ConfigurationError, InterleaveError, one_line
+from interleave_thinker.settings import API_KEY_ENV, find_api_key, redact_url
 
 __all__ = [
     "API_KEY_ENV",
@@ -23,8 +22,6 @@ __all__ = [
     "structured_binding",
 ]
 
-# Our own variable first, so a served model's key never has to pose as an OpenAI key.
-API_KEY_ENV = ("INTERLEAVE_API_KEY", "OPENAI_API_KEY")
 INSTALL_HINT = "install the served-model extra: pip install 'interleave-thinker[openai]'"
 _LENGTH_KEYWORDS = ("minLength", "maxLength")
 
@@ -81,14 +78,14 @@ def served_chat_model(
         )
     if base_url is None:
         model = name
-        key = api_key or _env_key()
+        key = find_api_key(api_key)
         if not key:
             raise ConfigurationError(
                 f"no API key for OpenAI model {model!r}",
                 hint="set INTERLEAVE_API_KEY or OPENAI_API_KEY, or pass api_key",
             )
     else:
-        key = api_key or _env_key() or "EMPTY"
+        key = find_api_key(api_key) or "EMPTY"
     ChatOpenAI = _chat_openai_class()
     return ChatOpenAI(
         model=model,
@@ -156,14 +153,6 @@ def strict_json_schema(schema: type[BaseModel], *, length_bounds: bool = True) -
 # -- chat model construction -----------------------------------------------------------------------
 
 
-def _env_key() -> str | None:
-    for variable in API_KEY_ENV:
-        value = os.environ.get(variable, "").strip()
-        if value:
-            return value
-    return None
-
-
 def _chat_openai_class() -> Any:
     try:
         from langchain_openai import ChatOpenAI
@@ -190,12 +179,12 @@ def _init_chat_model(model: str, *, api_key: str | None, **settings: Any) -> Bas
         return init_chat_model(model, **kwargs)
     except ImportError as exc:
         raise ConfigurationError(
-            f"the provider of {model!r} is not installed: {_first_line(exc)}",
+            f"the provider of {model!r} is not installed: {one_line(exc)}",
             hint="install the provider's LangChain package named in the message",
         ) from exc
     except ValueError as exc:
         raise ConfigurationError(
-            f"init_chat_model cannot build {model!r}: {_first_line(exc)}",
+            f"init_chat_model cannot build {model!r}: {one_line(exc)}",
             hint="write the model as provider:name (openai:gpt-5, google_genai:gemini-2.5-flash) "
             "or pass base_url for an OpenAI-compatible server",
         ) from exc
@@ -339,8 +328,3 @@ def _without(node: Any, drop: tuple[str, ...]) -> Any:
             if key not in drop
         }
     return node
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

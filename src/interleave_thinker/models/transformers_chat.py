@@ -36,6 +36,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from interleave_thinker.devices import resolve_device, resolve_dtype, torch_dtype
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.models.constrained import (
     IncompleteJSONError,
@@ -46,7 +47,6 @@ from interleave_thinker.settings import quiet_library
 
 __all__ = ["TransformersChatModel", "clear_model_cache"]
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ROLES: dict[type[BaseMessage], str] = {
     SystemMessage: "system",
     HumanMessage: "user",
@@ -96,21 +96,6 @@ def clear_model_cache() -> None:
         _CACHE.clear()
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _resolve_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        # bfloat16 halves memory on GPUs; CPUs run float32 faster and exactly.
-        return "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, not {dtype!r}")
-    return dtype
-
-
 def _load(model_name: str, device: str, dtype: str) -> _LoadedModel:
     key = (model_name, device, dtype)
     with _CACHE_LOCK:
@@ -124,7 +109,7 @@ def _load(model_name: str, device: str, dtype: str) -> _LoadedModel:
             try:
                 processor = AutoProcessor.from_pretrained(model_name)
                 model = AutoModelForImageTextToText.from_pretrained(
-                    model_name, dtype=_DTYPES[dtype], device_map=device
+                    model_name, dtype=torch_dtype(dtype), device_map=device
                 ).eval()
             except OSError as error:
                 # transformers reports missing folders, files and hub access as OSError.
@@ -256,7 +241,7 @@ class TransformersChatModel(BaseChatModel):
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), or a torch device such as 'cuda:1' or 'cpu'."""
     dtype: str = "auto"
-    """'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32'."""
+    """'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32' (see ``devices``)."""
     max_new_tokens: int = Field(default=2048, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     """0 decodes greedily; above 0 samples."""
@@ -295,8 +280,8 @@ class TransformersChatModel(BaseChatModel):
     @property
     def loaded(self) -> _LoadedModel:
         """The shared loaded model (loads it on first use)."""
-        device = _resolve_device(self.device)
-        return _load(self.model_name, device, _resolve_dtype(self.dtype, device))
+        device = resolve_device(self.device)
+        return _load(self.model_name, device, resolve_dtype(self.dtype, device))
 
     def _generate(
         self,
