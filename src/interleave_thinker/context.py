@@ -12,6 +12,7 @@ from interleave_thinker.generators.base import ImageGenerator
 from interleave_thinker.settings import ModelSettings, redact_url
 from interleave_thinker.storage.image_store import ImageStore
 from interleave_thinker.storage.ledger import GenerationLedger
+from interleave_thinker.storage.verdicts import VerdictLedger
 
 # Generous enough for a large diffusion model drawing a full batch on one GPU, including the
 # first call's loading of the weights from disk; a hung call is still noticed in minutes.
@@ -66,12 +67,23 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class Context:
-    """What every node receives through ``Runtime.context``; a resume passes it again."""
+    """What every node receives through ``Runtime.context``; a resume passes it again.
+
+    ``ledger`` records every image drawn and ``verdicts`` every verdict given, the moment each
+    is made, so a node that runs again (retried, or resumed after a crash) pays for neither
+    twice. ``verdicts`` defaults to a ``verdicts`` folder beside the generation ledger's.
+    """
 
     backends: Backends
     image_store: ImageStore
     ledger: GenerationLedger
     timeouts: Timeouts = Timeouts()
+    verdicts: VerdictLedger | None = None
+
+    def __post_init__(self) -> None:
+        if self.verdicts is None:
+            # The run directory's layout: <run_dir>/generations and <run_dir>/verdicts.
+            object.__setattr__(self, "verdicts", VerdictLedger(self.ledger.root.parent / "verdicts"))
 
 
 def model_identity(model: BaseChatModel) -> str:

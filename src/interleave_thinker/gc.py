@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel
 
 from interleave_thinker.checkpoints.savers import list_thread_ids, open_checkpointer, sqlite_path
-from interleave_thinker.errors import ConfigurationError, InterleaveError
+from interleave_thinker.errors import ConfigurationError, InterleaveError, one_line
 from interleave_thinker.settings import redact_url
 from interleave_thinker.state import MEDIA_SUFFIXES, SHA256_PATTERN, ImageRef
 from interleave_thinker.storage.atomic import (
@@ -29,6 +29,7 @@ from interleave_thinker.storage.atomic import (
     temp_file_prefix,
 )
 from interleave_thinker.storage.ledger import is_generation_key, parse_record
+from interleave_thinker.storage.verdicts import is_verdict_key, parse_verdict_record
 from interleave_thinker.workspace import Workspace
 
 __all__ = [
@@ -92,10 +93,15 @@ class GcReport:
     in_use: list[GcFile] = field(default_factory=list)
     temp_files: list[GcFile] = field(default_factory=list)
     unknown: list[Path] = field(default_factory=list)
+    # The critic's recorded verdicts (verdicts/): like ledger records, garbage once their thread
+    # is gone; they name no image.
+    verdicts: int = 0
+    orphan_verdicts: list[GcFile] = field(default_factory=list)
+    young_verdicts: list[GcFile] = field(default_factory=list)
 
     @property
     def orphan_bytes(self) -> int:
-        return sum(item.size for item in self.orphan_images + self.orphan_records)
+        return sum(item.size for item in self.orphan_images + self.orphan_records + self.orphan_verdicts)
 
     def as_json(self) -> dict[str, Any]:
         """The report as plain JSON data (``interleave gc --json``)."""
@@ -124,9 +130,15 @@ class GcReport:
                 "kept_young": len(self.young_records),
                 "without_thread": self.records_without_thread,
             },
+            "verdicts": {
+                "stored": self.verdicts,
+                "of_deleted_threads": len(self.orphan_verdicts),
+                "kept_young": len(self.young_verdicts),
+            },
             "removed" if self.delete else "would_remove": {
                 "images": paths(self.orphan_images),
                 "records": paths(self.orphan_records),
+                "verdicts": paths(self.orphan_verdicts),
             },
             "kept_in_use": paths(self.in_use),
             "temp_files": paths(self.temp_files),
@@ -151,7 +163,11 @@ class GcReport:
         )
         if verbose:
             lines += [f"  {item.path}" for item in self.orphan_images + self.orphan_records]
-        young = self.young_images + self.young_records
+        if self.orphan_verdicts:
+            lines.append(f"{would} {_count(len(self.orphan_verdicts), 'critic verdict record')} "
+                         "of deleted threads")
+            lines += [f"  {item.path}" for item in self.orphan_verdicts] if verbose else []
+        young = self.young_images + self.young_records + self.young_verdicts
         if young:
             lines.append(
                 f"kept {_count(len(young), 'unused file')} younger than "
@@ -281,7 +297,7 @@ async def _read_checkpoints(url: str, shown: str, report: GcReport) -> tuple[set
         raise
     except Exception as exc:
         raise GarbageCollectionRefused(
-            f"cannot read the checkpoints in {shown}: {_first_line(exc)}; nothing was removed",
+            f"cannot read the checkpoints in {shown}: {one_line(exc)}; nothing was removed",
             hint="check --checkpointer (and --run-dir): gc must read every thread before it "
             "can tell which images are unused",
         ) from exc
@@ -442,11 +458,39 @@ def _scan(run_dir: Path, threads: set[str], referenced: set[str], cutoff: float,
                 report.young_images.append(found)
             else:
                 report.orphan_images.append(found)
+    _scan_verdicts(run_dir, threads, cutoff, report)
+
+
+def _scan_verdicts(run_dir: Path, threads: set[str], cutoff: float, report: GcReport) -> None:
+    """Sort the critic's verdict records (storage/verdicts.py) as ``_scan`` sorts ledger records."""
+    for folder in _store_folders(run_dir / "verdicts", report):
+        for entry in _entries(Path(folder.path)):
+            key, suffix = entry.name[:64], entry.name[64:]
+            if entry.name.startswith(TEMP_PREFIX) and _is_real_file(entry):
+                report.temp_files.append(_file(entry))
+                continue
+            if not (is_verdict_key(key) and suffix == ".json" and key[:2] == folder.name
+                    and _is_real_file(entry)):
+                report.unknown.append(Path(entry.path))
+                continue
+            found = _file(entry)
+            try:
+                record = parse_verdict_record(found.path.read_bytes())
+            except (OSError, ValueError):
+                report.unknown.append(found.path)
+                continue
+            report.verdicts += 1
+            if record.thread_id is None or record.thread_id in threads:
+                continue
+            if found.mtime >= cutoff:
+                report.young_verdicts.append(found)
+            else:
+                report.orphan_verdicts.append(found)
 
 
 def _refuse_if_suspicious(report: GcReport, threads: set[str], allow_empty: bool) -> None:
     """A wrong --checkpointer looks like one whose threads were all deleted: refuse unless told."""
-    if allow_empty or not (report.orphan_images or report.orphan_records):
+    if allow_empty or not (report.orphan_images or report.orphan_records or report.orphan_verdicts):
         return
     if not threads:
         found = f"{report.threads} threads"
@@ -472,9 +516,14 @@ def _remove(run_dir: Path, cutoff: float, report: GcReport) -> None:
     for found in report.orphan_images:
         (removed_images if _remove_if_still_old(found.path, cutoff) else report.in_use).append(found)
     report.orphan_images, report.orphan_records = removed_images, removed_records
+    removed_verdicts = []
+    for found in report.orphan_verdicts:
+        (removed_verdicts if _remove_if_still_old(found.path, cutoff) else report.in_use).append(found)
+    report.orphan_verdicts = removed_verdicts
     # Half-written files of killed writers: the staging folders, and the store folders where
     # earlier versions wrote them (and where a killed gc leaves its own).
-    temp_folders = [run_dir / "images" / STAGING_DIR, run_dir / "generations" / STAGING_DIR]
+    temp_folders = [run_dir / "images" / STAGING_DIR, run_dir / "generations" / STAGING_DIR,
+                    run_dir / "verdicts" / STAGING_DIR]
     temp_folders += sorted({item.path.parent for item in report.temp_files} - set(temp_folders))
     report.temp_files = [
         GcFile(path, 0, 0.0)
@@ -510,8 +559,3 @@ def _remove_if_still_old(path: Path, cutoff: float) -> bool:
         return False
     finally:
         aside.unlink(missing_ok=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

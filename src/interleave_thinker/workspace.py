@@ -25,6 +25,7 @@ from interleave_thinker.state import Document, ImageRef, TrajectoryState
 from interleave_thinker.storage.atomic import STAGING_DIR, sweep_abandoned_writes, write_atomically
 from interleave_thinker.storage.image_store import MAX_IMAGE_BYTES, ImageStore, not_an_image
 from interleave_thinker.storage.ledger import GenerationLedger
+from interleave_thinker.storage.verdicts import VerdictLedger
 
 RUN_DIR_ENV = "INTERLEAVE_RUN_DIR"
 DEFAULT_RUN_DIR = "interleave-runs"
@@ -63,11 +64,17 @@ class Workspace:
     def context(self, backends: Backends, timeouts: Timeouts | None = None) -> Context:
         store = self.image_store
         ledger = GenerationLedger(self.run_dir / "generations", store)
+        verdicts = VerdictLedger(self.run_dir / "verdicts")
         # Writes a killed run left half-done are cleared before new ones start.
         store.sweep_abandoned_writes()
         ledger.sweep_abandoned_writes()
+        verdicts.sweep_abandoned_writes()
         return Context(
-            backends=backends, image_store=store, ledger=ledger, timeouts=timeouts or Timeouts()
+            backends=backends,
+            image_store=store,
+            ledger=ledger,
+            verdicts=verdicts,
+            timeouts=timeouts or Timeouts(),
         )
 
     @property
@@ -90,8 +97,8 @@ class Workspace:
 
     def protected_paths(self) -> list[Path]:
         """What an export must never replace or write into: the checkpoint database and its
-        companion files, the image store and the generation ledger."""
-        protected = [self.run_dir / "images", self.run_dir / "generations"]
+        companion files, the image store, the generation ledger and the verdict records."""
+        protected = [self.run_dir / "images", self.run_dir / "generations", self.run_dir / "verdicts"]
         if self.checkpointer_url.startswith("sqlite:///"):
             database = sqlite_path(self.checkpointer_url)
             protected += [database, *(database.with_name(database.name + s) for s in _SQLITE_COMPANIONS)]

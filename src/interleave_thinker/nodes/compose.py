@@ -14,6 +14,13 @@ from interleave_thinker.state import Document, DocumentStep, TrajectoryState
 
 
 async def compose_document(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Commit the steps still open and assemble the interleaved document.
+
+    Reads ``plan``, ``request``, ``settings`` (budget, profile), ``progress`` and
+    ``generator_calls``. Steps not finished ran out of the call budget: each is committed as
+    forced (it has attempts) or skipped. Writes ``document`` and empties ``progress``. Emits
+    ``StepCommitted`` for each step it committed, then ``DocumentReady``.
+    """
     plan, settings = state["plan"], state["settings"]
     assert plan is not None
     # Steps still pending here ran out of the trajectory's call budget.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from langchain_core.runnables import RunnableLambda
 from langgraph.runtime import Runtime
@@ -19,7 +21,7 @@ from interleave_thinker.errors import (
     TransientGeneratorError,
 )
 from interleave_thinker.events import ImageReady, StepStarted
-from interleave_thinker.generators.base import GenerationJob
+from interleave_thinker.generators.base import GenerationJob, ImageGenerator
 from interleave_thinker.nodes.common import emit, position, thread_of
 from interleave_thinker.nodes.retrying import bounded, is_transient, try_label
 from interleave_thinker.nodes.scheduling import (
@@ -29,88 +31,76 @@ from interleave_thinker.nodes.scheduling import (
     ready_steps,
     source_images,
 )
-from interleave_thinker.state import Attempt, ImageRef, TrajectoryState
+from interleave_thinker.state import Attempt, ImageRef, Step, StepProgress, TrajectoryState
 from interleave_thinker.storage.image_store import CheckedImage, check_image, png_image
-from interleave_thinker.storage.ledger import generation_key
+from interleave_thinker.storage.ledger import GenerationLedger, generation_key
+
+
+class PlannedCall(NamedTuple):
+    """One generator request of this pass: the job, its ledger key and the images it edits."""
+
+    job: GenerationJob
+    key: str
+    sources: tuple[ImageRef, ...]
 
 
 async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:
-    plan, request, settings = state["plan"], state["request"], state["settings"]
+    """Draw the next attempt of every ready step, all in one batched backend call.
+
+    Reads ``plan``, ``request``, ``settings`` (budget, seed, size), ``progress`` (which steps are
+    ready, their next prompts, their sources' final images) and ``generator_calls``. Takes as many
+    ready steps as the call budget allows; a request already in the generation ledger (drawn by
+    an earlier try of this node, or by a process that crashed before its checkpoint) reuses its
+    image instead of drawing again.
+
+    Writes ``progress`` (each drawn step gains an ``Attempt`` awaiting the critic) and
+    ``generator_calls`` (plus one per attempt, reused ones included).
+
+    Emits ``StepStarted`` for each request before the call, then ``ImageReady`` for each image
+    (``reused`` when it came from the ledger).
+    """
+    plan, settings = state["plan"], state["settings"]
     assert plan is not None
-    options = settings.options
     context = runtime.context
     thread_id = thread_of(runtime)
     progress = progress_by_step(state["progress"])
     calls_used = state.get("generator_calls", 0)
-    batch = ready_steps(plan, state["progress"])[: calls_left(options.budget, calls_used)]
+    batch = ready_steps(plan, state["progress"])[: calls_left(settings.options.budget, calls_used)]
 
-    planned: list[tuple[int, GenerationJob, str, list[ImageRef]]] = []
-    for step in batch:
-        item = progress[step.number]
-        attempt = len(item.attempts) + 1
-        seed = derive_seed(options.seed, step.number, attempt if options.reseed_retries else 1)
-        sources = source_images(step, request, state["progress"])
-        prompt = item.next_prompt or step.prompt or ""
-        key = generation_key(
-            generator=context.backends.generator.identity,
-            thread=thread_id,
-            prompt=prompt,
-            sources=[ref.sha256 for ref in sources],
-            seed=seed,
-            width=options.width,
-            height=options.height,
+    planned = [_planned_call(state, context, thread_id, step, progress[step.number]) for step in batch]
+    for call in planned:
+        emit(
+            runtime,
+            StepStarted(**position(plan, call.job.step), attempt=call.job.attempt, prompt=call.job.prompt),
         )
-        job = GenerationJob(
-            prompt=prompt,
-            seed=seed,
-            width=options.width,
-            height=options.height,
-            thread_id=thread_id,
-            step=step.number,
-            attempt=attempt,
-        )
-        planned.append((step.number, job, key, sources))
-        emit(runtime, StepStarted(**position(plan, step.number), attempt=attempt, prompt=prompt))
 
     started = time.time()
-    images: dict[str, ImageRef] = {}
-    reused: set[str] = set()
-    to_draw = []
     # File I/O goes to a worker thread: the event loop may be serving other runs.
-    recorded_images = await asyncio.to_thread(
-        lambda: [context.ledger.lookup(key) for _, _, key, _ in planned]
-    )
-    for (_, job, key, sources), recorded in zip(planned, recorded_images, strict=True):
-        if recorded is not None:
-            images[key] = recorded
-            reused.add(key)
-        else:
-            to_draw.append((job, key, sources))
-    if to_draw:
-        images.update(await _draw(context, thread_id, to_draw, try_label(runtime)))
+    reused = await asyncio.to_thread(_recorded_images, context.ledger, planned)
+    to_draw = [call for call in planned if call.key not in reused]
+    drawn = await _draw(context, thread_id, to_draw, try_label(runtime)) if to_draw else {}
+    images = {**reused, **drawn}
     seconds = (time.time() - started) / max(1, len(planned))
 
     updated = dict(progress)
-    for number, job, key, _ in planned:
+    for call in planned:
+        job, image, was_reused = call.job, images[call.key], call.key in reused
         attempt = Attempt(
-            step=number,
+            step=job.step,
             number=job.attempt,
             prompt=job.prompt,
             seed=job.seed,
-            image=images[key],
-            reused=key in reused,
+            image=image,
+            reused=was_reused,
             started_at=started,
-            generation_seconds=0.0 if key in reused else seconds,
+            generation_seconds=0.0 if was_reused else seconds,
         )
-        item = updated[number]
-        updated[number] = item.model_copy(update={"attempts": (*item.attempts, attempt)})
+        item = updated[job.step]
+        updated[job.step] = item.model_copy(update={"attempts": (*item.attempts, attempt)})
         emit(
             runtime,
             ImageReady(
-                **position(plan, number),
-                attempt=job.attempt,
-                image=images[key].sha256,
-                reused=key in reused,
+                **position(plan, job.step), attempt=job.attempt, image=image.sha256, reused=was_reused
             ),
         )
     return {
@@ -119,87 +109,66 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
     }
 
 
+def _planned_call(
+    state: TrajectoryState, context: Context, thread_id: str, step: Step, item: StepProgress
+) -> PlannedCall:
+    """The request for the next attempt of ``step``: its prompt, seed, sources and ledger key."""
+    options = state["settings"].options
+    attempt = len(item.attempts) + 1
+    seed = derive_seed(options.seed, step.number, attempt if options.reseed_retries else 1)
+    sources = tuple(source_images(step, state["request"], state["progress"]))
+    prompt = item.next_prompt or step.prompt or ""
+    key = generation_key(
+        generator=context.backends.generator.identity,
+        thread=thread_id,
+        prompt=prompt,
+        sources=[ref.sha256 for ref in sources],
+        seed=seed,
+        width=options.width,
+        height=options.height,
+    )
+    job = GenerationJob(
+        prompt=prompt,
+        seed=seed,
+        width=options.width,
+        height=options.height,
+        thread_id=thread_id,
+        step=step.number,
+        attempt=attempt,
+    )
+    return PlannedCall(job, key, sources)
+
+
+def _recorded_images(ledger: GenerationLedger, planned: Sequence[PlannedCall]) -> dict[str, ImageRef]:
+    """Key -> image of the requests the ledger already holds (blocking: run it in a thread)."""
+    found = {call.key: ledger.lookup(call.key) for call in planned}
+    return {key: ref for key, ref in found.items() if ref is not None}
+
+
 async def _draw(
-    context: Context,
-    thread_id: str,
-    to_draw: list[tuple[GenerationJob, str, list[ImageRef]]],
-    tries: str,
+    context: Context, thread_id: str, to_draw: list[PlannedCall], tries: str
 ) -> dict[str, ImageRef]:
     """One backend call for the batch, traced as its own run with references only.
 
     The call is bounded by the generator timeout; its images are all checked (decodable, the
     requested size, one per job) before any is stored, so a bad batch records nothing.
     """
-    generator = context.backends.generator
-    steps = ", ".join(str(job.step) for job, _, _ in to_draw)
-    where = f"thread {thread_id}: generator {generator.identity}, step(s) {steps}"
-    resume = f"`interleave resume {thread_id}`"
-
-    def load_jobs() -> list[GenerationJob]:
-        return [
-            _with_sources(job, [context.image_store.open(ref) for ref in sources])
-            for job, _, sources in to_draw
-        ]
-
-    def store(job: GenerationJob, key: str, image: CheckedImage) -> dict[str, Any]:
-        ref = context.image_store.put_checked(image)
-        # Recorded the moment it is stored: a crash from here on never pays for it again.
-        context.ledger.record(key, ref, thread_id=thread_id)
-        return {"key": key, "step": job.step, "attempt": job.attempt, "image": ref}
-
-    def too_slow() -> Exception:
-        return ModelTimeoutError(
-            f"{where}: no images after {context.timeouts.generator:g} s ({tries})",
-            hint="the generator may be hung or overloaded: check it, or allow more time with "
-            f"--generator-timeout SECONDS (INTERLEAVE_GENERATOR_TIMEOUT), then {resume}",
-        )
-
-    async def draw_and_store(_: dict[str, Any]) -> list[dict[str, Any]]:
-        jobs = await asyncio.to_thread(load_jobs)
-        try:
-            outputs = await bounded(generator.agenerate(jobs), context.timeouts.generator, too_slow)
-        except ModelTimeoutError:
-            raise
-        except TransientGeneratorError as exc:
-            # Still transient; named with the thread and the try, as the last try is reported.
-            raise TransientGeneratorError(f"{where} ({tries}): {exc.message}", hint=exc.hint) from exc
-        except InterleaveError:
-            raise
-        except Exception as exc:
-            detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            if is_transient(exc):
-                raise TransientGeneratorError(f"{where} ({tries}): {detail}") from exc
-            raise GeneratorError(
-                f"{where}: the backend failed: {detail}",
-                hint=f"see the chained error; once the backend is fixed, {resume}",
-            ) from exc
-        # PNG encoding and file writes release the GIL: a batch's images are handled in
-        # parallel threads, each checked before any is stored.
-        checked = await _checked_outputs(outputs, [job for job, _, _ in to_draw], where)
-        return list(
-            await asyncio.gather(
-                *(
-                    asyncio.to_thread(store, job, key, image)
-                    for (job, key, _), image in zip(to_draw, checked, strict=True)
-                )
-            )
-        )
-
     # The traced input and output name images by hash: no pixels reach a trace.
     summary = {
         "generator": context.backends.generator.identity,
         "jobs": [
             {
-                "step": job.step,
-                "attempt": job.attempt,
-                "prompt": job.prompt,
-                "seed": job.seed,
-                "size": f"{job.width}x{job.height}",
-                "sources": [ref.sha256 for ref in sources],
+                "step": call.job.step,
+                "attempt": call.job.attempt,
+                "prompt": call.job.prompt,
+                "seed": call.job.seed,
+                "size": f"{call.job.width}x{call.job.height}",
+                "sources": [ref.sha256 for ref in call.sources],
             }
-            for job, _, sources in to_draw
+            for call in to_draw
         ],
     }
+    draw_and_store = functools.partial(_draw_and_store, context, thread_id, to_draw, tries)
     drawn = await RunnableLambda(draw_and_store, name="generator_call").ainvoke(
         summary,
         config={
@@ -207,12 +176,90 @@ async def _draw(
             "tags": ["generator"],
             "metadata": {
                 "thread_id": thread_id,
-                "steps": [job.step for job, _, _ in to_draw],
-                "attempts": [job.attempt for job, _, _ in to_draw],
+                "steps": [call.job.step for call in to_draw],
+                "attempts": [call.job.attempt for call in to_draw],
             },
         },
     )
     return {item["key"]: item["image"] for item in drawn}
+
+
+async def _draw_and_store(
+    context: Context, thread_id: str, to_draw: list[PlannedCall], tries: str, _summary: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The traced body of a generator call: load the sources, call the backend, check, store."""
+    generator = context.backends.generator
+    steps = ", ".join(str(call.job.step) for call in to_draw)
+    where = f"thread {thread_id}: generator {generator.identity}, step(s) {steps}"
+    jobs = await asyncio.to_thread(_jobs_with_sources, context, to_draw)
+    outputs = await _call_backend(
+        generator, jobs, context.timeouts.generator, where, tries, f"`interleave resume {thread_id}`"
+    )
+    # PNG encoding and file writes release the GIL: a batch's images are handled in parallel
+    # threads, each checked before any is stored.
+    checked = await _checked_outputs(outputs, [call.job for call in to_draw], where)
+    return list(
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(_store_and_record, context, thread_id, call, image)
+                for call, image in zip(to_draw, checked, strict=True)
+            )
+        )
+    )
+
+
+def _jobs_with_sources(context: Context, to_draw: list[PlannedCall]) -> list[GenerationJob]:
+    """The batch's jobs with their source images opened from the store (blocking)."""
+    return [
+        _with_sources(call.job, [context.image_store.open(ref) for ref in call.sources])
+        for call in to_draw
+    ]
+
+
+async def _call_backend(
+    generator: ImageGenerator,
+    jobs: list[GenerationJob],
+    timeout: float | None,
+    where: str,
+    tries: str,
+    resume: str,
+) -> object:
+    """The backend's raw outputs for ``jobs``; its failures become named transient or permanent errors."""
+
+    def too_slow() -> Exception:
+        return ModelTimeoutError(
+            f"{where}: no images after {timeout:g} s ({tries})",
+            hint="the generator may be hung or overloaded: check it, or allow more time with "
+            f"--generator-timeout SECONDS (INTERLEAVE_GENERATOR_TIMEOUT), then {resume}",
+        )
+
+    try:
+        return await bounded(generator.agenerate(jobs), timeout, too_slow)
+    except ModelTimeoutError:
+        raise
+    except TransientGeneratorError as exc:
+        # Still transient; named with the thread and the try, as the last try is reported.
+        raise TransientGeneratorError(f"{where} ({tries}): {exc.message}", hint=exc.hint) from exc
+    except InterleaveError:
+        raise
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        if is_transient(exc):
+            raise TransientGeneratorError(f"{where} ({tries}): {detail}") from exc
+        raise GeneratorError(
+            f"{where}: the backend failed: {detail}",
+            hint=f"see the chained error; once the backend is fixed, {resume}",
+        ) from exc
+
+
+def _store_and_record(
+    context: Context, thread_id: str, call: PlannedCall, image: CheckedImage
+) -> dict[str, Any]:
+    """Store one checked image and record it in the ledger (blocking)."""
+    ref = context.image_store.put_checked(image)
+    # Recorded the moment it is stored: a crash from here on never pays for it again.
+    context.ledger.record(call.key, ref, thread_id=thread_id)
+    return {"key": call.key, "step": call.job.step, "attempt": call.job.attempt, "image": ref}
 
 
 def _with_sources(job: GenerationJob, images: list[Image.Image]) -> GenerationJob:

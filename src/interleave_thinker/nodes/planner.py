@@ -18,6 +18,13 @@ from interleave_thinker.state import TrajectoryState
 
 
 async def plan_trajectory(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Ask the planner model for the whole plan, re-asking unreadable replies.
+
+    Reads ``request`` (text and input images) and ``settings`` (step limit, output mode,
+    re-asks). Writes ``plan`` and ``progress`` (one entry per step: pending, or finished as
+    ``text`` for a step that draws nothing). Emits ``PlanReady``, then ``StepCommitted`` for
+    each text-only step.
+    """
     request = state["request"]
     options = state["settings"].options
     store = runtime.context.image_store

@@ -58,6 +58,13 @@ def check_edited_plan(answer: Any, request: Request, options: RunOptions) -> Pla
 
 
 async def review_plan(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Pause for a person to keep or edit the plan (``--review-plan``), before anything is drawn.
+
+    Reads ``plan``, ``request`` and ``settings``; interrupts with ``{"kind": "review_plan",
+    "plan": ...}`` (the plan in the planner's answer format). Resumed with True or None it writes
+    nothing; with a dict, that dict is checked and becomes the new ``plan`` and ``progress``, and
+    ``PlanReady`` (plus ``StepCommitted`` for text-only steps) is emitted as for the planner's.
+    """
     plan, request = state["plan"], state["request"]
     assert plan is not None
     # Resumed with True/None the plan stands; with a dict, that dict is the new plan.
@@ -153,6 +160,14 @@ def check_review_answer(answer: Any, state: TrajectoryState) -> None:
 
 
 async def review_forced(state: TrajectoryState, runtime: Runtime[Context]) -> dict[str, Any]:
+    """Pause for a person to pick the attempt each forced step keeps (``--review-forced``).
+
+    Reads ``plan``, ``settings`` (selection policy) and ``progress`` (the steps
+    ``awaiting_review``); interrupts with ``forced_for_review``'s payload. Resumed with True the
+    policy's picks stand; with a mapping step -> attempt, those are kept. Writes ``progress``
+    (each waiting step committed as forced with its chosen attempt). Emits ``StepCommitted`` for
+    each of them.
+    """
     plan = state["plan"]
     assert plan is not None
     policy = state["settings"].options.budget.selection

@@ -1,1 +1,1 @@
-"""Where run data lives: the content-addressed image store, the generation ledger, atomic writes."""
+"""Where run data lives: the content-addressed image store, the generation and verdict ledgers."""
