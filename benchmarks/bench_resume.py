@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,25 +30,12 @@ TEST_PROFILE_REQUEST = (
 INTERLEAVE_SCRIPT = Path(sys.executable).with_name("interleave")
 CALL_LOG_ENV = "INTERLEAVE_TEST_CALL_LOG"
 DELAY_ENV = "INTERLEAVE_TEST_GENERATOR_DELAY"
-# Set in a CLI process's environment: replace cli._quiet_libraries with the candidate fix.
-LAZY_QUIET_ENV = "BENCH_LAZY_QUIET"
 IMPORTED_LINE = "bench: imports done"
 # What any LangGraph program with chat models and a SQLite checkpointer has to import.
 FLOOR_IMPORTS = (
     "import langchain_core.language_models, langgraph.graph, langgraph.checkpoint.sqlite.aio, "
     "aiosqlite, pydantic, PIL.Image"
 )
-
-
-def quiet_loaded_libraries() -> None:
-    """Candidate fix for ``cli._quiet_libraries``: never import transformers or diffusers (the
-    latter imports torch) just to turn their progress bars off; quiet the ones already loaded,
-    and let ``HF_HUB_DISABLE_PROGRESS_BARS`` cover transformers and huggingface_hub later."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
-        module = sys.modules.get(name)
-        if module is not None:
-            module.disable_progress_bar()
 
 
 def cli_main(argv: list[str]) -> None:
@@ -65,8 +51,6 @@ def cli_main(argv: list[str]) -> None:
     )
     from interleave_thinker import cli
 
-    if os.environ.get(LAZY_QUIET_ENV):
-        cli._quiet_libraries = quiet_loaded_libraries
     # Time-stamped by the parent as it arrives: the end of interpreter start and imports.
     print(IMPORTED_LINE, file=sys.stderr, flush=True)
     sys.argv = ["interleave", *argv]
@@ -111,15 +95,12 @@ class Process:
         return "\n".join(line for _, line in self.lines[-10:])
 
 
-def _spawn(
-    command: list[str], run_dir: Path, call_log: Path, delay: float, *, lazy_quiet: bool = False
-) -> Process:
+def _spawn(command: list[str], run_dir: Path, call_log: Path, delay: float) -> Process:
     env = {
         **os.environ,
         "INTERLEAVE_RUN_DIR": str(run_dir),
         CALL_LOG_ENV: str(call_log),
         DELAY_ENV: str(delay),
-        LAZY_QUIET_ENV: "1" if lazy_quiet else "",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         "PYTHONUNBUFFERED": "1",
         "LANGSMITH_TRACING": "false",
@@ -168,12 +149,11 @@ def _wait_for_lines(process: Process, path: Path, count: int, timeout: float = 1
 Cli = Callable[..., list[str]]
 
 
-def fresh_first_call(cli: Cli, root: Path, run_args: list[str], *, lazy_quiet: bool) -> float:
+def fresh_first_call(cli: Cli, root: Path, run_args: list[str]) -> float:
     """Seconds from spawning ``interleave run`` until its first generator call is logged."""
     root.mkdir(parents=True, exist_ok=True)
     log = root / "fresh.log"
-    process = _spawn(cli("run", *run_args, "--thread", "fresh"), root / "fresh", log, 0.0,
-                     lazy_quiet=lazy_quiet)
+    process = _spawn(cli("run", *run_args, "--thread", "fresh"), root / "fresh", log, 0.0)
     try:
         return _wait_for_lines(process, log, 1)
     finally:
@@ -184,8 +164,7 @@ def crash(cli: Cli, root: Path, run_args: list[str], kill_after: int) -> tuple[P
     """A run SIGKILLed inside generator call ``kill_after + 1``: (its run dir, its call log)."""
     root.mkdir(parents=True, exist_ok=True)
     run_dir, log = root / "runs", root / "calls.log"
-    process = _spawn(cli("run", *run_args, "--thread", "crash"), run_dir, log, DELAY_S,
-                     lazy_quiet=True)
+    process = _spawn(cli("run", *run_args, "--thread", "crash"), run_dir, log, DELAY_S)
     _wait_for_lines(process, log, kill_after)
     # Half a generator delay later the process is inside the next call's sleep.
     time.sleep(DELAY_S / 2)
@@ -194,13 +173,6 @@ def crash(cli: Cli, root: Path, run_args: list[str], kill_after: int) -> tuple[P
     if done != kill_after:
         raise RuntimeError(f"expected {kill_after} calls before the kill, found {done}")
     return run_dir, log
-
-
-def copy_crash(run_dir: Path, log: Path, root: Path) -> tuple[Path, Path]:
-    root.mkdir(parents=True)
-    shutil.copytree(run_dir, root / "runs")
-    shutil.copy2(log, root / "calls.log")
-    return root / "runs", root / "calls.log"
 
 
 @dataclass
@@ -212,10 +184,10 @@ class Resumed:
     first_call: float
 
 
-def resume(cli: Cli, run_dir: Path, log: Path, done: int, total: int, *, lazy_quiet: bool) -> Resumed:
+def resume(cli: Cli, run_dir: Path, log: Path, done: int, total: int) -> Resumed:
     """Resume the killed thread; the resumed process then finishes it, which is checked: every
     call made once, none repeated."""
-    process = _spawn(cli("resume", "crash"), run_dir, log, 0.0, lazy_quiet=lazy_quiet)
+    process = _spawn(cli("resume", "crash"), run_dir, log, 0.0)
     first_new = _wait_for_lines(process, log, done + 1)
     code = process.finish(timeout=120)
     calls = _log_lines(log)
@@ -276,9 +248,9 @@ def import_breakdown(top: int = 12) -> str:
 
 
 def run(repeats: int, quick: bool) -> list[Figure]:
-    """Each round: interpreter and import timings, fresh runs to their first call, one killed
-    run, and its resume by the CLI as it is and, on a copy, with the candidate fix. Quick mode
-    (the smoke test) skips the CLI as it is, whose start imports torch."""
+    """Each round: interpreter and import timings, a fresh run to its first call, one killed
+    run and its resume by the CLI. Quick mode (the smoke test) makes the chain shorter and skips
+    the cross-check with the installed console script."""
     steps = 3 if quick else 10
     total = steps * (REJECTIONS + 1)
     kill_after = total // 2
@@ -292,35 +264,20 @@ def run(repeats: int, quick: bool) -> list[Figure]:
             series["python"].append(_wall("pass"))
             series["import"].append(_wall("import interleave_thinker.cli"))
             series["floor"].append(_wall(FLOOR_IMPORTS))
-            series["fresh fix"].append(
-                fresh_first_call(_bench_cli, root / "fresh-fix", run_args, lazy_quiet=True)
-            )
+            series["fresh"].append(fresh_first_call(_bench_cli, root / "fresh", run_args))
             run_dir, log = crash(_bench_cli, root / "crash", run_args, kill_after)
-            if not quick:
-                series["fresh"].append(
-                    fresh_first_call(_bench_cli, root / "fresh", run_args, lazy_quiet=False)
-                )
-                copy_dir, copy_log = copy_crash(run_dir, log, root / "copy")
-                resumed = resume(_bench_cli, copy_dir, copy_log, kill_after, total, lazy_quiet=False)
-                series["resume"].append(resumed.first_call)
-                series["imported"].append(resumed.imported)
-                series["banner"].append(resumed.banner)
-            resumed = resume(_bench_cli, run_dir, log, kill_after, total, lazy_quiet=True)
-            series["resume fix"].append(resumed.first_call)
-            series["imported fix"].append(resumed.imported)
-            series["banner fix"].append(resumed.banner)
+            resumed = resume(_bench_cli, run_dir, log, kill_after, total)
+            series["resume"].append(resumed.first_call)
+            series["imported"].append(resumed.imported)
+            series["banner"].append(resumed.banner)
         if not quick:
             script_total = _test_profile_calls(base / "count")
             script_args = [TEST_PROFILE_REQUEST, "--profile", "test", "--size", "64x64"]
             for index in range(min(repeats, 2)):
                 root = base / f"script-{index}"
-                series["script fresh"].append(
-                    fresh_first_call(_script_cli, root / "fresh", script_args, lazy_quiet=False)
-                )
+                series["script fresh"].append(fresh_first_call(_script_cli, root / "fresh", script_args))
                 run_dir, log = crash(_script_cli, root / "crash", script_args, script_total // 2)
-                resumed = resume(
-                    _script_cli, run_dir, log, script_total // 2, script_total, lazy_quiet=False
-                )
+                resumed = resume(_script_cli, run_dir, log, script_total // 2, script_total)
                 series["script resume"].append(resumed.first_call)
     trajectory = (
         f"`interleave run` ({steps} chained steps x {REJECTIONS + 1} attempts = {total} calls, "
@@ -332,15 +289,7 @@ def run(repeats: int, quick: bool) -> list[Figure]:
         "benchmarks.bench_resume` (the `interleave` app plus a `bench-chain` profile, since the "
         "test profile's planner stops at six steps)."
     )
-    fix = (
-        "Candidate fix: `cli._quiet_libraries` replaced by `quiet_loaded_libraries` (this "
-        "file), which does not import transformers and diffusers (and with it torch) at start."
-    )
     target = f"< {TARGET_S:g} s"
-    figures: list[Figure] = []
-    variants = [("fix", " fix", f"{fix} {trajectory}" if quick else f"{fix} Same killed thread.")]
-    if not quick:
-        variants.insert(0, ("CLI as it is", "", trajectory))
     stage_notes = [
         "Interpreter start and every import, up to the CLI's command function (the benchmark "
         "entry point prints a line there).",
@@ -349,29 +298,24 @@ def run(repeats: int, quick: bool) -> list[Figure]:
         "The graph continues from the checkpoint: generator node, ledger lookup, the backend "
         "call itself.",
     ]
-    for index, (label, key, notes) in enumerate(variants):
-        first, imported, banner = (
-            series["resume" + key], series["imported" + key], series["banner" + key]
-        )
-        stages = [
-            ("spawn to imports done", imported),
-            ("imports done to the 'resuming' line", [b - i for b, i in zip(banner, imported, strict=True)]),
-            ("'resuming' line to first new call", [f - b for f, b in zip(first, banner, strict=True)]),
-        ]
-        figures.append(
-            Figure(
-                SECTION, f"resume to first new generator call ({total}-call thread), {label}",
-                "s", first, series["fresh" + key], target=target,
-                check=lambda f: f.median < TARGET_S, notes=notes,
-            )
-        )
-        figures += [
-            Figure(
-                SECTION, f"stage {number}, {label}: {name}", "s", samples,
-                notes=stage_notes[number - 1] if index == 0 else "",
-            )
+    first, imported, banner = series["resume"], series["imported"], series["banner"]
+    stages = [
+        ("spawn to imports done", imported),
+        ("imports done to the 'resuming' line", [b - i for b, i in zip(banner, imported, strict=True)]),
+        ("'resuming' line to first new call", [f - b for f, b in zip(first, banner, strict=True)]),
+    ]
+    figures = [
+        Figure(
+            SECTION, f"resume to first new generator call ({total}-call thread)",
+            "s", first, series["fresh"], target=target,
+            check=lambda f: f.median < TARGET_S, notes=trajectory,
+        ),
+        *(
+            Figure(SECTION, f"stage {number}: {name}", "s", samples,
+                   notes=stage_notes[number - 1])
             for number, (name, samples) in enumerate(stages, start=1)
-        ]
+        ),
+    ]
     figures += [
         Figure(
             SECTION, "import part: `python -c 'import interleave_thinker.cli'`", "s",
@@ -396,7 +340,7 @@ def run(repeats: int, quick: bool) -> list[Figure]:
                 target=target, check=lambda f: f.median < TARGET_S,
                 notes="The console script as a user runs it, `--profile test`, on the six-step "
                 "request of tests/test_crash_resume.py, killed halfway: the same start-up cost "
-                "as the benchmark's entry point, CLI as it is.",
+                "as the benchmark's entry point.",
             )
         )
     return figures

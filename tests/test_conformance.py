@@ -16,7 +16,7 @@ import pytest
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 
-from conftest import POSTGRES_SKIP_REASON, POSTGRES_URL_ENV, postgres_test_hosts
+from conftest import checkpointer_params
 from interleave_thinker.checkpoints.savers import open_checkpointer
 
 pytestmark = pytest.mark.skipif(
@@ -27,13 +27,7 @@ pytestmark = pytest.mark.skipif(
 UrlFactory = Callable[[], str]
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        "sqlite",
-        pytest.param("postgres", marks=pytest.mark.allow_hosts(postgres_test_hosts())),
-    ]
-)
+@pytest.fixture(params=checkpointer_params())
 def saver_urls(request: pytest.FixtureRequest, tmp_path: Path) -> UrlFactory:
     """A new checkpointer URL per call: the suite wants a fresh saver for each capability, or the
     list tests would count another capability's checkpoints."""
@@ -41,11 +35,8 @@ def saver_urls(request: pytest.FixtureRequest, tmp_path: Path) -> UrlFactory:
         return lambda: f"memory://conformance-{uuid.uuid4().hex}"
     if request.param == "sqlite":
         return lambda: f"sqlite:///{tmp_path}/conformance-{uuid.uuid4().hex}.sqlite"
-    url = os.environ.get(POSTGRES_URL_ENV)
-    if not url:
-        pytest.skip(POSTGRES_SKIP_REASON)
-    pytest.importorskip("langgraph.checkpoint.postgres", reason="langgraph-checkpoint-postgres")
-    # One database for every suite: the suite itself uses fresh thread ids.
+    # One schema for every suite of this test: the suite itself uses fresh thread ids.
+    url = request.getfixturevalue("postgres_url")
     return lambda: url
 
 

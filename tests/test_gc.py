@@ -10,22 +10,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from langgraph.types import Send
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import (
-    POSTGRES_SKIP_REASON,
-    POSTGRES_URL_ENV,
-    RecordingGenerator,
-    postgres_test_hosts,
-)
+from conftest import RecordingGenerator
 from interleave_thinker import gc
 from interleave_thinker.checkpoints.savers import open_checkpointer
 from interleave_thinker.cli import app
@@ -234,22 +227,9 @@ async def build_scene(run_dir: Path, url: str, tag: str) -> Scene:
     return scene
 
 
-def _is_postgres(url: str) -> bool:
-    return urlsplit(url).scheme in ("postgresql", "postgres")
-
-
 @pytest.fixture
-def scene(checkpointer_url: str, run_dir: Path) -> Iterator[Scene]:
-    built = asyncio.run(build_scene(run_dir, checkpointer_url, uuid.uuid4().hex[:12]))
-    yield built
-    if _is_postgres(checkpointer_url):
-        # The test database is shared: leave no threads behind.
-        async def clean() -> None:
-            async with open_checkpointer(checkpointer_url) as saver:
-                for thread in (built.keep, built.fork, built.pending):
-                    await saver.adelete_thread(thread)
-
-        asyncio.run(clean())
+def scene(checkpointer_url: str, run_dir: Path) -> Scene:
+    return asyncio.run(build_scene(run_dir, checkpointer_url, uuid.uuid4().hex[:12]))
 
 
 def _export_all(cli: CliRunner, scene: Scene, thread: str, out: Path) -> None:
@@ -442,15 +422,6 @@ async def test_an_empty_or_missing_or_other_checkpointer_makes_gc_refuse(
     assert report.orphan_images and not list((run_dir / "images").glob("??/*.png"))
 
 
-@pytest.fixture
-def postgres_url() -> str:
-    url = os.environ.get(POSTGRES_URL_ENV)
-    if not url:
-        pytest.skip(POSTGRES_SKIP_REASON)
-    return url
-
-
-@pytest.mark.allow_hosts(postgres_test_hosts())
 async def test_a_postgres_checkpointer_without_these_threads_makes_gc_refuse(
     run_dir: Path, postgres_url: str
 ) -> None:

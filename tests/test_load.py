@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from conftest import POSTGRES_SKIP_REASON, POSTGRES_URL_ENV, postgres_test_hosts
+from conftest import checkpointer_params
 from interleave_thinker.batch import arun_batch, thread_id_for
-from interleave_thinker.checkpoints.savers import open_checkpointer
 from interleave_thinker.inspect import alist_threads, aload_document
 from interleave_thinker.state import RunOptions
 
@@ -92,23 +90,18 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[s
     return asyncio.run(documents())
 
 
-def _backend_url(name: str, tmp_path: Path) -> str:
+def _backend_url(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if name == "sqlite":
         return f"sqlite:///{tmp_path / 'runs' / 'checkpoints.sqlite'}"
-    url = os.environ.get(POSTGRES_URL_ENV)
-    if not url:
-        pytest.skip(POSTGRES_SKIP_REASON)
-    return url
+    return request.getfixturevalue("postgres_url")
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["sqlite", pytest.param("postgres", marks=pytest.mark.allow_hosts(postgres_test_hosts()))],
-)
+@pytest.mark.parametrize("backend", checkpointer_params("sqlite", "postgres"))
 def test_100_concurrent_trajectories_lose_and_mix_nothing(
-    tmp_path: Path, backend: str, reference: dict[str, list[dict[str, Any]]]
+    tmp_path: Path, backend: str, reference: dict[str, list[dict[str, Any]]],
+    request: pytest.FixtureRequest,
 ) -> None:
-    checkpointer = _backend_url(backend, tmp_path)
+    checkpointer = _backend_url(backend, tmp_path, request)
     # Unique ids per test run: a PostgreSQL database outlives the test.
     prefix = f"load-{uuid.uuid4().hex[:8]}-"
     prompts = tmp_path / "prompts.jsonl"
@@ -148,10 +141,6 @@ def test_100_concurrent_trajectories_lose_and_mix_nothing(
                 for attempt in step.attempts:
                     owner = seen_images.setdefault(attempt.image.sha256, thread)
                     assert owner == thread, f"{thread} shows an image drawn for {owner}"
-        if backend == "postgres":
-            async with open_checkpointer(checkpointer) as saver:
-                for thread in mine:
-                    await saver.adelete_thread(thread)
 
     started = time.perf_counter()
     asyncio.run(check())

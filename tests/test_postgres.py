@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -11,19 +10,13 @@ import textwrap
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from conftest import (
-    POSTGRES_SKIP_REASON,
-    POSTGRES_URL_ENV,
-    RecordingGenerator,
-    postgres_test_hosts,
-    scripted,
-)
+from conftest import RecordingGenerator, postgres_test_hosts, scripted
 from interleave_thinker.checkpoints.postgres import mask_password, parse_url
 from interleave_thinker.checkpoints.savers import open_checkpointer
 from interleave_thinker.context import Backends
@@ -42,47 +35,19 @@ pytestmark = pytest.mark.allow_hosts(postgres_test_hosts())
 ThreadMaker = Callable[[], str]
 
 
-def _is_postgres(url: str) -> bool:
-    return urlsplit(url).scheme in ("postgresql", "postgres")
-
-
-async def _delete_threads(url: str, thread_ids: list[str]) -> None:
-    async with open_checkpointer(url) as saver:
-        for thread_id in thread_ids:
-            await saver.adelete_thread(thread_id)
-
-
-def _thread_maker(url: str) -> Iterator[ThreadMaker]:
-    """Unique thread ids, since reruns and parallel runs share the PostgreSQL database; their
-    checkpoints are deleted afterwards so that database does not grow with every run."""
-    made: list[str] = []
-
-    def make() -> str:
-        made.append(f"t-{uuid.uuid4().hex}")
-        return made[-1]
-
-    yield make
-    if made and _is_postgres(url):
-        asyncio.run(_delete_threads(url, made))
+def _make_thread() -> str:
+    # Each PostgreSQL test has a schema of its own (conftest.postgres_url); ids stay unique anyway.
+    return f"t-{uuid.uuid4().hex}"
 
 
 @pytest.fixture
-def new_thread(checkpointer_url: str) -> Iterator[ThreadMaker]:
-    yield from _thread_maker(checkpointer_url)
+def new_thread() -> ThreadMaker:
+    return _make_thread
 
 
 @pytest.fixture
-def postgres_url() -> str:
-    url = os.environ.get(POSTGRES_URL_ENV)
-    if not url:
-        pytest.skip(POSTGRES_SKIP_REASON)
-    pytest.importorskip("langgraph.checkpoint.postgres", reason="langgraph-checkpoint-postgres")
-    return url
-
-
-@pytest.fixture
-def pg_thread(postgres_url: str) -> Iterator[ThreadMaker]:
-    yield from _thread_maker(postgres_url)
+def pg_thread(postgres_url: str) -> ThreadMaker:
+    return _make_thread
 
 
 # --- The graph's behaviour is the same on every checkpointer ---------------------------------
@@ -189,8 +154,8 @@ def test_passwords_are_masked(url: str, shown: str) -> None:
     assert mask_password(url) == shown
 
 
+@pytest.mark.usefixtures("postgres_driver")
 async def test_refused_connection_names_the_url_without_its_password() -> None:
-    pytest.importorskip("psycopg")
     # Port 1 on the loopback address: nothing listens there, so the connection is refused.
     url = "postgresql://someone:s3cret@127.0.0.1:1/runs"
     with pytest.raises(ConfigurationError, match="cannot connect") as info:
@@ -200,8 +165,8 @@ async def test_refused_connection_names_the_url_without_its_password() -> None:
     assert "s3cret" not in str(info.value) + info.value.hint
 
 
+@pytest.mark.usefixtures("postgres_driver")
 async def test_unknown_libpq_parameter_is_a_configuration_error() -> None:
-    pytest.importorskip("psycopg")
     with pytest.raises(ConfigurationError, match="not a valid PostgreSQL URL"):
         async with open_checkpointer("postgresql://127.0.0.1/runs?no_such_option=1"):
             pass
@@ -329,21 +294,9 @@ RACER = textwrap.dedent("""
 
 
 @pytest.fixture
-def fresh_database(postgres_url: str) -> Iterator[str]:
-    """A new, empty database on the test server, dropped afterwards."""
-    import psycopg
-
-    name = f"interleave_test_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        try:
-            admin.execute(f'CREATE DATABASE "{name}"')
-        except psycopg.errors.InsufficientPrivilege:
-            pytest.skip("the PostgreSQL test user may not create databases")
-    try:
-        yield urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
-    finally:
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def fresh_database(postgres_url: str) -> str:
+    """No checkpoint tables yet: postgres_url's schema is new and empty."""
+    return postgres_url
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from langsmith import utils as ls_utils
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import POSTGRES_URL_ENV, postgres_test_hosts
+from conftest import checkpointer_params
 from interleave_thinker import tracing
 from interleave_thinker.cli import app
 from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
@@ -263,22 +262,11 @@ def _postgres_rows(url: str, thread: str) -> bytes:
     return b"\n".join(chunks)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.allow_hosts(
-    postgres_test_hosts()))])
-def checkpointer(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(params=checkpointer_params("sqlite", "postgres"))
+def checkpointer(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/runs/checkpoints.sqlite"
-        return
-    url = os.environ.get(POSTGRES_URL_ENV)
-    if not url:
-        pytest.skip(f"set {POSTGRES_URL_ENV} to run the PostgreSQL case")
-    yield url
-    # The test database is shared: remove this test's threads (run and batch).
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        for table in ("checkpoint_writes", "checkpoint_blobs", "checkpoints"):
-            conn.execute(f"DELETE FROM {table} WHERE thread_id LIKE %s", (f"%{tmp_path.name}%",))
+        return f"sqlite:///{tmp_path}/runs/checkpoints.sqlite"
+    return request.getfixturevalue("postgres_url")
 
 
 def test_a_served_trajectory_leaves_no_key_anywhere(
@@ -452,11 +440,10 @@ def test_a_checkpointer_password_stays_out_of_error_messages(tmp_path: Path) -> 
     assert leaks(stderr, password) == []
 
 
-@pytest.mark.allow_hosts(postgres_test_hosts())
-def test_a_postgres_password_stays_out_of_the_unknown_thread_message(tmp_path: Path) -> None:
-    url = os.environ.get(POSTGRES_URL_ENV)
-    if not url:
-        pytest.skip(f"set {POSTGRES_URL_ENV} to run the PostgreSQL case")
+def test_a_postgres_password_stays_out_of_the_unknown_thread_message(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    url = postgres_url
     password = "pw-SECRET-61c0e9"
     parts = urlsplit(url)
     # The test server lets its user in without a password, so any password connects.
