@@ -25,6 +25,7 @@ from interleave_thinker.cli import app
 from interleave_thinker.context import Backends
 from interleave_thinker.events import ImageReady, ProgressEvent
 from interleave_thinker.gc import GarbageCollectionRefused, acollect_garbage, collect_garbage
+from interleave_thinker.gc.references import collect_hashes
 from interleave_thinker.inspect import aload_document, athread_report
 from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
 from interleave_thinker.render.export import referenced_images
@@ -142,7 +143,7 @@ async def _swap_first_image(workspace: Workspace, thread: str, new: ImageRef) ->
 async def _latest_hashes(workspace: Workspace, thread: str) -> set[str]:
     found: set[str] = set()
     async with workspace.graph() as graph:
-        gc._collect_hashes((await graph.aget_state({"configurable": {"thread_id": thread}})).values, found)
+        collect_hashes((await graph.aget_state({"configurable": {"thread_id": thread}})).values, found)
     return found
 
 
@@ -338,14 +339,14 @@ async def test_a_file_stored_again_while_gc_removes_it_is_put_back(
     data = png((3, 3, 3))
     ref = store.put(data)
     age_tree(run_dir / "images")
-    scan = gc._scan
+    scan = gc.collect._scan
 
     def scan_then_a_run_stores_it(*args: object) -> None:
         scan(*args)  # type: ignore[arg-type]
         # Between gc's scan and its removal a run stores the same image (an input, say).
         assert store.put(data) == ref
 
-    monkeypatch.setattr(gc, "_scan", scan_then_a_run_stores_it)
+    monkeypatch.setattr(gc.collect, "_scan", scan_then_a_run_stores_it)
     report = await acollect_garbage(run_dir=run_dir, delete=True)
     assert [item.path for item in report.in_use] == [store.path_for(ref)]
     assert store.read(ref) == data
@@ -492,7 +493,7 @@ def test_hashes_are_found_in_every_kind_of_value() -> None:
     }
     nested["cycle"] = nested
     found: set[str] = set()
-    gc._collect_hashes(nested, found)
+    collect_hashes(nested, found)
     assert found == {ref.sha256 for ref in refs}
 
 

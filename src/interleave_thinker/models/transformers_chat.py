@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import copy
-import io
 import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -20,199 +16,20 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import (
-    AIMessage,
-    BaseMessage,
-    ChatMessage,
-    HumanMessage,
-    SystemMessage,
-    ToolMessage,
-)
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema
-from PIL import Image
 from pydantic import BaseModel, Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from interleave_thinker.devices import resolve_device, resolve_dtype, torch_dtype
-from interleave_thinker.errors import ConfigurationError
-from interleave_thinker.models.constrained import (
-    IncompleteJSONError,
-    JsonGrammarCompiler,
-    schema_from_response_format,
-)
-from interleave_thinker.settings import quiet_library
+from interleave_thinker.devices import resolve_device, resolve_dtype
+from interleave_thinker.models.chat_inputs import to_conversation
+from interleave_thinker.models.constrained import IncompleteJSONError, schema_from_response_format
+from interleave_thinker.models.loaded import LoadedModel, clear_model_cache, load_model
 
 __all__ = ["TransformersChatModel", "clear_model_cache"]
-
-_ROLES: dict[type[BaseMessage], str] = {
-    SystemMessage: "system",
-    HumanMessage: "user",
-    AIMessage: "assistant",
-    ToolMessage: "tool",
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Loaded models, shared process-wide
-
-
-@dataclass
-class _LoadedModel:
-    """Weights, processor and the lock that serialises generation on them."""
-
-    model: Any
-    processor: Any
-    device: torch.device
-    stop_token_ids: list[int]
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    _grammars: JsonGrammarCompiler | None = None
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
-    def grammars(self) -> JsonGrammarCompiler:
-        # Built on first structured call only: scanning a 150k vocabulary takes a moment.
-        if self._grammars is None:
-            vocab_size = self.model.get_output_embeddings().weight.shape[0]
-            self._grammars = JsonGrammarCompiler(
-                self.tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids
-            )
-        return self._grammars
-
-
-# Keyed by (model_name, device, dtype) after "auto" is resolved, so a planner and a critic
-# naming the same weights share one copy in memory.
-_CACHE: dict[tuple[str, str, str], _LoadedModel] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def clear_model_cache() -> None:
-    """Forget every loaded model (their memory is freed once no chat model holds them)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
-def _load(model_name: str, device: str, dtype: str) -> _LoadedModel:
-    key = (model_name, device, dtype)
-    with _CACHE_LOCK:
-        # Loading under the lock: two callers asking at once must not load the weights twice.
-        if key not in _CACHE:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-            from transformers.utils import logging as transformers_logging
-
-            quiet_library(transformers_logging)
-
-            try:
-                processor = AutoProcessor.from_pretrained(model_name)
-                model = AutoModelForImageTextToText.from_pretrained(
-                    model_name, dtype=torch_dtype(dtype), device_map=device
-                ).eval()
-            except OSError as error:
-                # transformers reports missing folders, files and hub access as OSError.
-                raise ConfigurationError(
-                    f"could not load the chat model {model_name!r}: {error}",
-                    hint="pass a local model folder, or a hub id whose weights are already "
-                    "in the Hugging Face cache (nothing is downloaded when offline)",
-                ) from error
-            _CACHE[key] = _LoadedModel(
-                model=model,
-                processor=processor,
-                device=model.device,
-                stop_token_ids=_stop_token_ids(model, processor.tokenizer),
-            )
-        return _CACHE[key]
-
-
-def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    configured = model.generation_config.eos_token_id
-    ids = [configured] if isinstance(configured, int) else list(configured or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-# ---------------------------------------------------------------------------------------------
-# Messages -> chat template input
-
-
-def _to_conversation(messages: Sequence[BaseMessage]) -> tuple[list[dict], list[Image.Image]]:
-    """Chat-template messages (images as placeholders, in order) and the decoded images."""
-    conversation: list[dict] = []
-    images: list[Image.Image] = []
-    for index, message in enumerate(messages):
-        role = message.role if isinstance(message, ChatMessage) else _ROLES.get(type(message))
-        if role is None:
-            # Subclasses (e.g. AIMessageChunk) map like their base class.
-            role = next((r for kind, r in _ROLES.items() if isinstance(message, kind)), None)
-        if role is None:
-            raise ValueError(f"message {index}: {type(message).__name__} is not supported")
-        content = message.content
-        parts: list[dict] = []
-        for block in [content] if isinstance(content, str) else content:
-            if isinstance(block, str):
-                parts.append({"type": "text", "text": block})
-                continue
-            kind = block.get("type")
-            if kind == "text":
-                parts.append({"type": "text", "text": block.get("text", "")})
-            elif kind in ("image", "image_url"):
-                images.append(_decode_image(block, where=f"message {index}"))
-                parts.append({"type": "image"})
-            else:
-                raise ValueError(
-                    f"message {index}: content blocks of type {kind!r} are not supported "
-                    "(only text and images)"
-                )
-        if all(part["type"] == "text" for part in parts):
-            # Plain strings suit every template, including text-only ones; Qwen's templates
-            # join text parts without a separator too.
-            conversation.append({"role": role, "content": "".join(p["text"] for p in parts)})
-        else:
-            conversation.append({"role": role, "content": parts})
-    return conversation, images
-
-
-def _decode_image(block: Mapping[str, Any], *, where: str) -> Image.Image:
-    """A PIL image from a standard image block (base64) or an OpenAI ``image_url`` data URL."""
-    if block.get("type") == "image_url":
-        spec = block.get("image_url")
-        url = spec.get("url") if isinstance(spec, Mapping) else spec
-        data = _data_url_payload(url, where=where)
-    elif block.get("base64") or block.get("source_type") == "base64":
-        data = block.get("base64") or block.get("data")
-    elif block.get("url") or block.get("source_type") == "url":
-        data = _data_url_payload(block.get("url"), where=where)
-    else:
-        raise ValueError(f"{where}: an image block needs inline data ('base64' or a data: URL)")
-    try:
-        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-        image.load()
-    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{where}: the image could not be decoded: {error}") from None
-    return image
-
-
-def _data_url_payload(url: object, *, where: str) -> str:
-    if not isinstance(url, str):
-        raise ValueError(f"{where}: the image URL must be a string")
-    if url.startswith(("http://", "https://")):
-        raise ValueError(
-            f"{where}: image URLs over http(s) are refused: the transformers chat model never "
-            "fetches anything. Send the image inline as base64 (a standard image block or a "
-            "data: URL)."
-        )
-    header, comma, payload = url.partition(",")
-    if not (url.startswith("data:") and comma and header.endswith(";base64")):
-        raise ValueError(f"{where}: unsupported image URL {url[:40]!r}; use a base64 data: URL")
-    return payload
-
-
-# ---------------------------------------------------------------------------------------------
-# The chat model
 
 
 class _Cancelled(StoppingCriteria):
@@ -278,10 +95,10 @@ class TransformersChatModel(BaseChatModel):
         return params
 
     @property
-    def loaded(self) -> _LoadedModel:
+    def loaded(self) -> LoadedModel:
         """The shared loaded model (loads it on first use)."""
         device = resolve_device(self.device)
-        return _load(self.model_name, device, resolve_dtype(self.dtype, device))
+        return load_model(self.model_name, device, resolve_dtype(self.dtype, device))
 
     def _generate(
         self,
@@ -318,7 +135,7 @@ class TransformersChatModel(BaseChatModel):
     ) -> ChatResult:
         if kwargs:
             raise ValueError(f"unsupported generation arguments: {sorted(kwargs)}")
-        conversation, images = _to_conversation(messages)
+        conversation, images = to_conversation(messages)
         loaded = self.loaded
         prompt = loaded.processor.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=True
@@ -381,7 +198,7 @@ class TransformersChatModel(BaseChatModel):
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def _generation_config(self, loaded: _LoadedModel) -> Any:
+    def _generation_config(self, loaded: LoadedModel) -> Any:
         # Start from the checkpoint's own settings (repetition penalty, top_k) and override
         # what this model exposes.
         config = copy.deepcopy(loaded.model.generation_config)
