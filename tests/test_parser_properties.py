@@ -42,7 +42,7 @@ from interleave_thinker.events import (
     parse_event,
 )
 from interleave_thinker.nodes.review import check_review_answer
-from interleave_thinker.prompts import parsing
+from interleave_thinker.prompts import answers
 from interleave_thinker.prompts.parsing import (
     OutputParseError,
     parse_answer_dict,
@@ -248,8 +248,8 @@ def test_valid_verdicts_read_back_exactly(success: tuple[Any, bool], refine: str
 def _reference_last_answer_block(text: str, start: int) -> tuple[int, str] | None:
     """The straightforward (quadratic) search that _last_answer_block replaced."""
     best = None
-    for match in parsing._ANSWER_OPEN.finditer(text, start):
-        close = parsing._ANSWER_CLOSE.search(text, match.end())
+    for match in answers._ANSWER_OPEN.finditer(text, start):
+        close = answers._ANSWER_CLOSE.search(text, match.end())
         content = text[match.end() : close.start() if close else len(text)]
         if content.strip():
             best = (match.start(), content)
@@ -265,7 +265,7 @@ TAGGY = st.lists(st.sampled_from(["<answer>", "</answer>", "< ANSWER>", "</ answ
 @given(TAGGY, st.integers(0, 60))
 def test_the_linear_answer_search_agrees_with_the_plain_one(text: str, start: int) -> None:
     start = min(start, len(text))
-    assert parsing._last_answer_block(text, start) == _reference_last_answer_block(text, start)
+    assert answers._last_answer_block(text, start) == _reference_last_answer_block(text, start)
 
 
 JSON_VALUES = st.recursive(
