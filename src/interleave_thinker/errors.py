@@ -115,3 +115,57 @@ class ReviewRequired(InterleaveError):
     @property
     def plan(self) -> dict:
         return self.payload["plan"]
+
+
+class ThreadBusyError(InterleaveError):
+    """Another process (or another task of this one) is running the thread: one writer per thread.
+
+    Made by ``held_by``; ``holder`` describes who holds the thread's lease (host, pid, since when).
+    """
+
+    thread_id: str | None = None
+    holder: str | None = None
+
+    @classmethod
+    def held_by(cls, thread_id: str, holder: str) -> ThreadBusyError:
+        error = cls(
+            f"thread {thread_id} is already being run by {holder}",
+            hint=f"wait for that run to end (or stop it), then `interleave resume {thread_id}` "
+            "continues the thread; two writers on one thread would draw its images twice",
+        )
+        error.thread_id, error.holder = thread_id, holder
+        return error
+
+
+class StorageError(InterleaveError):
+    """The checkpoint database or the run directory failed (full disk, I/O error, lost
+    connection, damaged file). What was saved before the failure is kept: resume once fixed."""
+
+
+class DamagedCheckpointError(StorageError):
+    """A checkpoint's records do not validate: a damaged file or row, or another version's format.
+
+    Made by ``found``; ``thread_id`` is None while the thread is not known yet (inside the
+    serializer), and ``of_thread`` names it once the run that read the checkpoint knows it.
+    """
+
+    detail: str = ""
+    thread_id: str | None = None
+
+    @classmethod
+    def found(cls, detail: str, *, thread_id: str | None = None) -> DamagedCheckpointError:
+        where = f"the checkpoint of thread {thread_id}" if thread_id else "a checkpoint"
+        error = cls(
+            f"{where} is damaged: {detail}",
+            hint="its records do not validate (a damaged database file or row, or one written by "
+            "an incompatible version): restore the database from a backup, or start the request "
+            "again as a new thread; images already drawn are kept in the run directory",
+        )
+        error.detail, error.thread_id = detail, thread_id
+        return error
+
+    def of_thread(self, thread_id: str) -> DamagedCheckpointError:
+        """The same error, naming the thread."""
+        if self.thread_id or not self.detail:
+            return self
+        return DamagedCheckpointError.found(self.detail, thread_id=thread_id)

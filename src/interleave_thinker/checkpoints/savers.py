@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import ormsgpack
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from pydantic import ValidationError
 
-from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.errors import ConfigurationError, DamagedCheckpointError, one_line
 from interleave_thinker.settings import redact_url
 from interleave_thinker.state import STATE_RECORD_TYPES
 
@@ -24,9 +30,81 @@ _FACTORIES: dict[str, SaverFactory] = {}
 
 
 def make_serializer() -> JsonPlusSerializer:
-    """LangGraph's serializer with our state records allowed, so loading them never warns."""
-    allowed = [(cls.__module__, cls.__name__) for cls in STATE_RECORD_TYPES]
-    return JsonPlusSerializer(allowed_msgpack_modules=allowed)
+    """LangGraph's serializer with our state records allowed (so loading them never warns) and
+    checked: a record that does not validate raises DamagedCheckpointError (see CheckedSerializer)."""
+    return CheckedSerializer()
+
+
+# How LangGraph's msgpack format marks a pydantic v2 model: (module, name, fields, method).
+# A stored format, so it does not change between versions.
+_PYDANTIC_V2_EXT = 5
+_RECORD_TYPES = {(cls.__module__, cls.__name__): cls for cls in STATE_RECORD_TYPES}
+_OUR_MODULES = "interleave_thinker."
+
+
+class CheckedSerializer(JsonPlusSerializer):
+    """LangGraph's serializer, strict about our records when reading them.
+
+    LangGraph rebuilds a stored pydantic model with ``cls(**fields)`` and, when that fails,
+    with ``model_construct``, which skips validation: a flipped byte in a checkpoint (a key
+    ``"4umber"`` for ``"number"``) then loads as a record missing a field, exports silently
+    and crashes later. Here our records are validated like any input; one that fails, a record
+    type of ours that does not exist, or data that cannot be decoded at all raise
+    DamagedCheckpointError. Other types load as LangGraph loads them.
+    """
+
+    def __init__(self) -> None:
+        allowed = list(_RECORD_TYPES)
+        self._damage = threading.local()
+        lenient = getattr(JsonPlusSerializer(allowed_msgpack_modules=allowed), "_unpack_ext_hook", None)
+        if lenient is None:  # a LangGraph without the hook: records load as LangGraph loads them
+            super().__init__(allowed_msgpack_modules=allowed)
+            return
+        super().__init__(
+            allowed_msgpack_modules=allowed, __unpack_ext_hook__=self._strict_hook(lenient)
+        )
+
+    def _strict_hook(self, lenient: Callable[[int, bytes], Any]) -> Callable[[int, bytes], Any]:
+        def hook(code: int, data: bytes) -> Any:
+            if code != _PYDANTIC_V2_EXT:
+                return lenient(code, data)
+            try:
+                module, name, fields = ormsgpack.unpackb(
+                    data, ext_hook=hook, option=ormsgpack.OPT_NON_STR_KEYS
+                )[:3]
+            except Exception as exc:
+                raise self._damaged(f"a record cannot be decoded ({one_line(exc)})") from None
+            cls = _RECORD_TYPES.get((module, name))
+            if cls is None:
+                if isinstance(module, str) and module.startswith(_OUR_MODULES):
+                    raise self._damaged(f"it names an unknown record type {module}.{name}")
+                return lenient(code, data)
+            try:
+                return cls.model_validate(fields)
+            except ValidationError as exc:
+                raise self._damaged(f"a {name} record does not validate: {one_line(exc)}") from None
+
+        return hook
+
+    def _damaged(self, detail: str) -> DamagedCheckpointError:
+        # ormsgpack reports an error raised in the hook as a bare "ext_hook failed": the first
+        # damage found is kept aside for loads_typed to raise.
+        error = DamagedCheckpointError.found(detail)
+        if getattr(self._damage, "error", None) is None:
+            self._damage.error = error
+        return error
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        self._damage.error = None
+        try:
+            return super().loads_typed(data)
+        except Exception as exc:
+            damage: DamagedCheckpointError | None = self._damage.error
+            if damage is not None:
+                raise damage from None
+            raise DamagedCheckpointError.found(f"its data cannot be decoded ({one_line(exc)})") from exc
+        finally:
+            self._damage.error = None
 
 
 def register_saver(scheme: str, factory: SaverFactory) -> None:
@@ -127,20 +205,67 @@ def sqlite_path(url: str) -> Path:
     return Path(url.removeprefix("sqlite:///"))
 
 
+# How long a statement waits for another connection's write to end (SQLite's busy timeout).
+SQLITE_BUSY_TIMEOUT_S = 30.0
+# How long opening retries a table setup that another process's setup keeps locked.
+SQLITE_SETUP_RETRY_S = 60.0
+
+
+def _is_locked(exc: sqlite3.Error) -> bool:
+    words = str(exc).lower()
+    return "locked" in words or "busy" in words
+
+
+async def _setup_sqlite(saver: Any, conn: Any) -> None:
+    """Create the tables (and switch to WAL), retrying while another process does the same.
+
+    Processes that open a fresh database together (two batches started at once) each switch
+    it to WAL and create the tables; SQLite can refuse one of them "database is locked" at
+    once, without waiting out the busy timeout. The setup is idempotent, so it is tried again.
+    """
+    deadline = time.monotonic() + SQLITE_SETUP_RETRY_S
+    pause = 0.05
+    while True:
+        try:
+            await saver.setup()
+            # With WAL (set by setup), NORMAL still survives a killed process; it only risks
+            # the last commits on a power cut, and halves the time each checkpoint waits.
+            await conn.execute("PRAGMA synchronous=NORMAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_locked(exc) or time.monotonic() > deadline:
+                raise
+        with contextlib.suppress(sqlite3.Error):
+            await conn.rollback()
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
+
+
 @asynccontextmanager
 async def _open_sqlite(url: str) -> AsyncIterator[BaseCheckpointSaver]:
     import aiosqlite
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
+    from interleave_thinker.checkpoints.faults import storage_error
+
     path = sqlite_path(url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    async with aiosqlite.connect(str(path)) as conn:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
+    except (sqlite3.Error, OSError) as exc:
+        translated = storage_error(exc, checkpointer_url=url)
+        if translated is None:
+            raise
+        raise translated from exc
+    try:
         saver = AsyncSqliteSaver(conn, serde=make_serializer())
-        await saver.setup()
-        # With WAL (set by setup), NORMAL still survives a killed process; it only risks the
-        # last commits on a power cut, and halves the time each checkpoint waits on the disk.
-        await conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            await _setup_sqlite(saver, conn)
+        except sqlite3.Error as exc:
+            raise storage_error(exc, checkpointer_url=url) from exc  # type: ignore[misc]
         yield saver
+    finally:
+        await conn.close()
 
 
 def _open_postgres(url: str) -> AbstractAsyncContextManager[BaseCheckpointSaver]:

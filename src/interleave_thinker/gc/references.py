@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel
 
 from interleave_thinker.checkpoints.savers import list_thread_ids, open_checkpointer, sqlite_path
-from interleave_thinker.errors import InterleaveError, one_line
+from interleave_thinker.errors import InterleaveError, StorageError, one_line
 from interleave_thinker.gc.report import GarbageCollectionRefused, GcReport
 from interleave_thinker.state import SHA256_PATTERN, ImageRef
 
@@ -40,11 +40,13 @@ async def read_checkpoints(url: str, shown: str, report: GcReport) -> tuple[set[
                     collect_hashes(
                         (item.checkpoint, item.metadata, item.pending_writes), referenced
                     )
-    except InterleaveError:
-        raise
     except Exception as exc:
+        if isinstance(exc, InterleaveError) and not isinstance(exc, StorageError):
+            raise
+        # A damaged or unreadable database (StorageError) is refused like any unreadable one.
+        problem = exc.message if isinstance(exc, StorageError) else one_line(exc)
         raise GarbageCollectionRefused(
-            f"cannot read the checkpoints in {shown}: {one_line(exc)}; nothing was removed",
+            f"cannot read the checkpoints in {shown}: {problem}; nothing was removed",
             hint="check --checkpointer (and --run-dir): gc must read every thread before it "
             "can tell which images are unused",
         ) from exc
