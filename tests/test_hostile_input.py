@@ -31,6 +31,13 @@ Input images (--image, arun(images=...), batch "images")
                                                   [test_undecodable_image_file_name_is_printed_safely]
   bad image on one batch line                  -> that prompt fails with the reason, others finish
                                                   [test_batch_prompt_with_a_bad_image_fails_alone]
+  batch image ../x, /abs/x, a symlink out      -> that line fails unless --allow-outside-images
+                                                  [test_batch_image_paths.py]
+  EXIF rotation, 16-bit, hidden colour under alpha, CMYK, palette, animated PNG/WebP, over
+  64 megapixels                                -> normalised once when stored (models and page see
+                                                  the same bytes) or refused naming the animation
+                                                  or our 64-megapixel limit
+                                                  [test_image_normalisation.py]
 Thread ids and image references
   ../x, /etc/x, a/b, .., ., Cyrillic or fullwidth look-alikes, 200 chars, newline, space,
   backslash, non-UTF-8                         -> refused by run --thread, resume, show, export (and
@@ -528,13 +535,19 @@ async def test_batch_prompt_with_a_bad_image_fails_alone(tmp_path: Path) -> None
              {"id": "ok", "text": "A.", "images": ["good.png"]}]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # /dev/zero lies outside the prompt file's folder: refused for that unless allowed
+    # (test_batch_image_paths.py), and for what it is when allowed.
     report = await arun_batch(prompts, backends=stand_ins(), options=TINY,
-                              run_dir=tmp_path / "runs")
+                              run_dir=tmp_path / "runs", allow_outside_images=True)
     outcomes = {o.prompt_id: o for o in report.outcomes}
     assert outcomes["ok"].status == "done"
     assert outcomes["missing"].status == outcomes["zero"].status == "failed"
     assert "does not exist" in (outcomes["missing"].error or "")
     assert "is not a regular file" in (outcomes["zero"].error or "")
+    report = await arun_batch(prompts, backends=stand_ins(), options=TINY,
+                              run_dir=tmp_path / "runs")
+    zero = next(o for o in report.outcomes if o.prompt_id == "zero")
+    assert zero.status == "failed" and "is an absolute path" in (zero.error or "")
 
 
 # ---------------------------------------------------------------------------------------------

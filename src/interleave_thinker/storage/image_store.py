@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import struct
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from interleave_thinker.errors import ImageError
 from interleave_thinker.state import MEDIA_SUFFIXES, SHA256_PATTERN, ImageRef
@@ -63,6 +64,17 @@ def not_an_image(data: bytes) -> str | None:
 
 def inspect_image(data: bytes, *, what: str = "image") -> tuple[str, int, int]:
     """Decode ``data`` fully and return (media type, width, height); raise ImageError if unusable."""
+    image, media_type = _decode(data, what)
+    with image:
+        return media_type, image.width, image.height
+
+
+def _decode(data: bytes, what: str) -> tuple[Image.Image, str]:
+    """``data`` decoded (loaded) and its media type; raise ImageError if unusable.
+
+    Our pixel limit is checked on the header, before Pillow's own (larger) one and before any
+    pixel is decoded, so that the error quotes our limit. The caller closes the image.
+    """
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(
             f"{what} is {len(data)} bytes, over the {MAX_IMAGE_BYTES} byte limit",
@@ -71,19 +83,29 @@ def inspect_image(data: bytes, *, what: str = "image") -> tuple[str, int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise ImageError(
-                        f"{what} has {width}x{height} pixels, over the {MAX_IMAGE_PIXELS} limit",
-                        hint="resize the image",
-                    )
+            image = _open_without_pillow_limit(data)
+            try:
+                _check_pixels(image.width, image.height, what)
                 fmt = image.format or ""
+                media_type = _PIL_MEDIA_TYPES.get(fmt)
+                if media_type is None:
+                    raise ImageError(
+                        f"{what} is {fmt or 'an unknown format'}, not PNG, JPEG or WebP",
+                        hint="convert it to PNG",
+                    )
                 image.load()
+            except BaseException:
+                image.close()
+                raise
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{what} has too many pixels: {exc}", hint="resize the image") from exc
+        # Only from Image.open, for a format other than ours (refused anyway); Pillow's message
+        # quotes Pillow's limit, so it is not repeated.
+        raise ImageError(
+            f"{what} has too many pixels, over the {_MEGAPIXELS}-megapixel limit",
+            hint=f"resize the image to at most {_MEGAPIXELS} megapixels",
+        ) from exc
     except Image.UnidentifiedImageError as exc:
         # Pillow's own message names an in-memory buffer object, which tells a user nothing.
         raise ImageError(
@@ -94,13 +116,139 @@ def inspect_image(data: bytes, *, what: str = "image") -> tuple[str, int, int]:
         raise ImageError(
             f"{what} could not be decoded: {exc}", hint="use a PNG, JPEG or WebP file"
         ) from exc
-    media_type = _PIL_MEDIA_TYPES.get(fmt)
-    if media_type is None:
+    return image, media_type
+
+
+_MEGAPIXELS = MAX_IMAGE_PIXELS // (1024 * 1024)
+
+
+def _check_pixels(width: int, height: int, what: str) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
         raise ImageError(
-            f"{what} is {fmt or 'an unknown format'}, not PNG, JPEG or WebP",
-            hint="convert it to PNG",
+            f"{what} has {width}x{height} pixels ({width * height / 1e6:.0f} million), over the "
+            f"{_MEGAPIXELS}-megapixel limit ({MAX_IMAGE_PIXELS} pixels)",
+            hint=f"resize the image to at most {_MEGAPIXELS} megapixels",
         )
-    return media_type, width, height
+
+
+def _open_without_pillow_limit(data: bytes) -> Image.Image:
+    """``data`` opened (header read, nothing decoded) by the PNG, JPEG or WebP reader directly.
+
+    ``Image.open`` refuses images over Pillow's ``MAX_IMAGE_PIXELS`` (89 and 179 million pixels
+    by default) with a message that quotes that limit, and changing it would change it for the
+    whole program; opened here, the image is measured against our limit instead. Anything else
+    goes to ``Image.open``.
+    """
+    Image.preinit()
+    prefix = data[:16]
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        if factory is None or (accept is not None and accept(prefix) is not True):
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            break  # Image.open reports it as it would
+    return Image.open(io.BytesIO(data))
+
+
+def normalise_input(data: bytes, *, what: str = "image") -> CheckedImage:
+    """A user's image as the models and the HTML page will both see it: 8-bit RGB, upright, opaque.
+
+    Refused: anything that is not a PNG, JPEG or WebP file (see :func:`not_an_image`), images
+    over the byte or pixel limits, and animated PNG and WebP files (the models would see one
+    frame, a browser the animation; GIF is refused for the same reason). Changed, then
+    re-encoded: an EXIF orientation other than "upright" is applied; 16-bit greyscale is scaled
+    to 8 bits; transparency (alpha, a transparent palette entry or colour key) is composited
+    on white; greyscale, palette and CMYK images become RGB. A changed image is stored as PNG,
+    except a JPEG, which stays a JPEG (quality 95, no chroma subsampling): a phone photo as
+    PNG is several times larger, and every model call carries it. Metadata (EXIF, colour
+    profile, text) is not carried into a re-encoded image.
+
+    An image that needs none of this (8-bit RGB, no transparency, no orientation to apply) is
+    kept as its original bytes, so its hash, and the threads that name it, stay the same.
+    """
+    problem = not_an_image(data)
+    if problem is not None:
+        raise ImageError(f"{what} {problem}", hint="convert it to PNG, JPEG or WebP")
+    image, media_type = _decode(data, what)
+    with image:
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1 and image.format in ("PNG", "WEBP"):
+            # MPO (phone JPEGs) holds a photo and its previews: the first frame is the photo.
+            name = "WebP" if image.format == "WEBP" else image.format
+            raise ImageError(
+                f"{what} is an animated {name} ({frames} frames), not a still image: "
+                "the models would see one frame of it",
+                hint="save the frame you mean as a still PNG, JPEG or WebP",
+            )
+        normalised = _normalised(image)
+        if normalised is None:
+            return CheckedImage(data, media_type, image.width, image.height)
+        encode = _jpeg_image if media_type == "image/jpeg" else png_image
+        checked = encode(normalised)
+    if len(checked.data) > MAX_IMAGE_BYTES:
+        kind = checked.media_type.removeprefix("image/").upper()
+        raise ImageError(
+            f"{what} is {len(checked.data)} bytes once made 8-bit RGB and saved as {kind}, over "
+            f"the {MAX_IMAGE_BYTES} byte limit",
+            hint="resize the image, or save it as an 8-bit RGB image without transparency",
+        )
+    return checked
+
+
+# Exif tag 274: how the stored pixels must be turned to stand upright; 1 is "as stored".
+_ORIENTATION_TAG = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# 16-bit values to 8 bits, rounded: 65535 -> 255, 32768 -> 128.
+_SIXTEEN_TO_EIGHT = [(value + 128) // 257 for value in range(65536)]
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation to apply (2 to 8), or None when the image is upright as stored."""
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError):
+        return None  # unreadable EXIF: browsers show such an image as stored, and so do we
+    return value if isinstance(value, int) and 2 <= value <= 8 else None
+
+
+def _normalised(image: Image.Image) -> Image.Image | None:
+    """``image`` as 8-bit RGB, upright and opaque, with no metadata; None when it already is."""
+    orientation = _orientation(image)
+    transparent = "transparency" in image.info or image.mode in ("RGBA", "LA", "PA", "La", "RGBa")
+    if image.mode == "RGB" and not transparent and orientation is None:
+        return None
+    if orientation is not None:
+        image = ImageOps.exif_transpose(image)
+    alpha: Image.Image | None = None
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Converted as is, every value over 255 would be clipped: a 16-bit image turns white.
+        wide = image.convert("I")
+        key = image.info.get("transparency")
+        if isinstance(key, int):
+            alpha = wide.point([0 if value == key else 255 for value in range(65536)], "L")
+        rgb = wide.point(_SIXTEEN_TO_EIGHT, "L").convert("RGB")
+    elif transparent:
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        rgb = rgba.convert("RGB")
+    else:
+        rgb = image.convert("RGB")
+    if alpha is not None and alpha.getextrema() != (255, 255):
+        # What a transparent pixel hides is not shown: white shows through, as on the page.
+        white = Image.new("RGB", rgb.size, "white")
+        white.paste(rgb, mask=alpha)
+        rgb = white
+    # Nothing of the original's info travels: a PNG would write its colour key back as tRNS.
+    rgb.info.clear()
+    return rgb
+
+
+def _jpeg_image(image: Image.Image) -> CheckedImage:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, subsampling=0)
+    return CheckedImage(buffer.getvalue(), "image/jpeg", image.width, image.height)
 
 
 # zlib's run-length strategy at level 1 suits PNG's filtered rows: at 1024x1024 it encodes a
@@ -162,6 +310,10 @@ class ImageStore:
     def put(self, data: bytes, *, what: str = "image") -> ImageRef:
         """Store encoded image bytes (PNG, JPEG or WebP) and return their reference."""
         return self.put_checked(check_image(data, what=what))
+
+    def put_input(self, data: bytes, *, what: str = "input image") -> ImageRef:
+        """Store a user's image as the models will see it (see :func:`normalise_input`)."""
+        return self.put_checked(normalise_input(data, what=what))
 
     def put_checked(self, image: CheckedImage) -> ImageRef:
         """Store an image already decoded or encoded by :func:`check_image` or :func:`png_image`."""
