@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -17,11 +18,26 @@ from interleave_thinker.nodes.planner import plan_trajectory
 from interleave_thinker.nodes.retrying import MODEL_RETRY, TRANSIENT_ERRORS, is_transient
 from interleave_thinker.nodes.review import review_forced, review_plan
 from interleave_thinker.nodes.scheduling import calls_left, ready_steps
-from interleave_thinker.state import TrajectoryState
+from interleave_thinker.state import RunSettings, TrajectoryState
 
 GRAPH_NAME = "interleave_thinker"
 # Re-exported: the retry rules live beside the nodes that name them in their messages.
-__all__ = ["GRAPH_NAME", "MODEL_RETRY", "TRANSIENT_ERRORS", "build_graph", "is_transient"]
+__all__ = [
+    "GRAPH_NAME",
+    "MODEL_RETRY",
+    "TRANSIENT_ERRORS",
+    "build_graph",
+    "is_transient",
+    "recursion_limit",
+    "thread_recursion_limit",
+]
+
+# Supersteps outside the generator -> critic -> review_forced passes (planner, review_plan,
+# compose), and spare ones: a limit set too high costs nothing, one set too low stops a run.
+_FIXED_SUPERSTEPS = 3
+_SPARE_SUPERSTEPS = 12
+# LangGraph's own default: the least we set, and what a thread without settings gets.
+_DEFAULT_RECURSION_LIMIT = 25
 
 
 def _next_after_planning_or_critique(state: TrajectoryState) -> Literal["generator", "compose"]:
@@ -46,6 +62,46 @@ def _next_after_planning(
     if state.get("plan") is not None and state["settings"].options.review_plan:
         return "review_plan"
     return _next_after_planning_or_critique(state)
+
+
+def recursion_limit(settings: RunSettings) -> int:
+    """Supersteps enough for every trajectory ``settings`` allow (LangGraph's ``recursion_limit``).
+
+    LangGraph stops a run after 25 supersteps unless told otherwise; a long trajectory needs
+    more. Each node runs in a superstep of its own (retries stay in theirs): the planner, the
+    optional plan review, then passes of generator, critic and the optional forced-step review,
+    then compose. Every pass makes at least one attempt, and every attempt (drawn or reused from
+    the ledger) counts against ``budget.max_calls`` (``generator_calls``), so there are at most
+    ``max_calls`` passes, and at most ``max_steps * max_attempts`` when the plan's length is
+    capped. The graph cannot loop without attempts, so the limit only ever stops a bug. If reused
+    attempts ever stop counting, bound the passes here by the attempts as well.
+    """
+    options = settings.options
+    budget = options.budget
+    passes = budget.max_calls
+    if options.max_steps is not None:
+        passes = min(passes, options.max_steps * budget.max_attempts)
+    # Never below LangGraph's default: a small budget keeps the limit it always had.
+    return max(_DEFAULT_RECURSION_LIMIT, _FIXED_SUPERSTEPS + 3 * passes + _SPARE_SUPERSTEPS)
+
+
+async def thread_recursion_limit(
+    graph: CompiledStateGraph[TrajectoryState, Context],
+    graph_input: Any,
+    config: RunnableConfig,
+) -> int:
+    """:func:`recursion_limit` for a run of ``graph`` on the thread in ``config``.
+
+    The settings come from ``graph_input`` when it starts the thread (a state with
+    ``settings``), else from the thread's checkpoint (a resume: None or a ``Command``).
+    """
+    settings = graph_input.get("settings") if isinstance(graph_input, dict) else None
+    if settings is None:
+        snapshot = await graph.aget_state(config)
+        settings = snapshot.values.get("settings")
+    if not isinstance(settings, RunSettings):
+        return _DEFAULT_RECURSION_LIMIT
+    return recursion_limit(settings)
 
 
 def build_graph(
