@@ -34,6 +34,7 @@ from interleave_thinker.context import Backends
 from interleave_thinker.errors import ConfigurationError, GeneratorError, ImageError, SettingsMismatchError
 from interleave_thinker.generators.base import GenerationJob
 from interleave_thinker.models.stand_ins import StandInCriticModel, StandInPlannerModel
+from interleave_thinker.prompts.packs import InterleavePack
 from interleave_thinker.server import ServerContext
 from interleave_thinker.state import Document, ImageRef
 from interleave_thinker.storage.image_store import ImageStore
@@ -75,14 +76,14 @@ class FailsOnceOnSecondBatch(RecordingGenerator):
 def served(monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> CompiledStateGraph:
     """The served graph with a checkpointer as the server lends one, and a fresh backends cache."""
     monkeypatch.setenv(RUN_DIR_ENV, str(run_dir))
-    monkeypatch.setattr(server, "_BACKENDS", {})
+    monkeypatch.setattr(server, "_MODELS", {})
     return server.graph.copy(update={"checkpointer": InMemorySaver(serde=make_serializer())})
 
 
 def _use_test_backends(monkeypatch: pytest.MonkeyPatch, generator: RecordingGenerator) -> None:
     # The "test" profile with a generator the test can watch; same identities as the profile's.
     backends = Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(), generator=generator)
-    monkeypatch.setattr(server, "_BACKENDS", {"test": backends})
+    monkeypatch.setattr(server, "_MODELS", {("test", False): (backends, InterleavePack())})
 
 
 def _thread() -> dict[str, Any]:

@@ -87,7 +87,7 @@ TWO_TOGETHER = [step(1, "a cat", sources=[]), step(2, "a dog", sources=[])]
 
 
 def small(**changes: Any) -> RunOptions:
-    return RunOptions(width=64, height=64).with_changes(**changes)
+    return RunOptions(width=64, height=64, max_steps=12).with_changes(**changes)
 
 
 def ledger_records(run_dir: Path) -> list[Path]:

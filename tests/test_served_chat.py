@@ -123,7 +123,8 @@ async def test_request_carries_model_images_schema_extra_body_key_and_timeout(
     assert request.extensions["timeout"] == {"connect": 12.5, "read": 12.5, "write": 12.5, "pool": 12.5}
     body = server.body()
     assert body["model"] == MODEL
-    assert body["temperature"] == 0.0
+    # Unset sampling knobs are not sent: the server applies the model's own defaults.
+    assert "temperature" not in body and "top_p" not in body
     assert body["max_completion_tokens"] == 256
     assert body["messages"][0] == {"role": "system", "content": "You judge images."}
     text, image = body["messages"][1]["content"]
@@ -404,7 +405,7 @@ def test_other_providers_go_through_init_chat_model_with_our_settings(
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")  # not forwarded: Gemini reads its own variable
     assert served_chat_model("google_genai:gemini-2.5-flash", timeout=60.0, max_retries=3) is built
     assert calls == [
-        ("google_genai:gemini-2.5-flash", {"timeout": 60.0, "max_retries": 3, "temperature": 0.0})
+        ("google_genai:gemini-2.5-flash", {"timeout": 60.0, "max_retries": 3})
     ]
     served_chat_model("anthropic:claude-x", api_key="sk-ant", max_tokens=100)
     assert calls[-1][1]["api_key"] == "sk-ant"
@@ -427,3 +428,11 @@ def test_init_chat_model_failures_become_configuration_errors(
     fake_langchain(monkeypatch, init_chat_model)
     with pytest.raises(ConfigurationError, match=words):
         served_chat_model("nope:model")
+
+
+async def test_sampling_knobs_the_user_set_are_sent_and_top_k_goes_in_the_body() -> None:
+    server = Server(httpx.Response(200, json=completion("<answer>{}</answer>")))
+    model = model_for(server, temperature=0.7, top_p=0.8, top_k=20)
+    await model.ainvoke([HumanMessage(content="hi")])
+    body = server.body()
+    assert (body["temperature"], body["top_p"], body["top_k"]) == (0.7, 0.8, 20)

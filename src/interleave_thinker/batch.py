@@ -6,9 +6,10 @@ import asyncio
 import hashlib
 import html
 import json
+import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,20 @@ from typing import Any
 from langchain_core.callbacks import Callbacks
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from interleave_thinker.checkpoints.faults import file_error, storage_faults
+from interleave_thinker.checkpoints.leases import thread_lease
 from interleave_thinker.context import Backends, Timeouts
-from interleave_thinker.errors import ConfigurationError, InterleaveError, one_line
+from interleave_thinker.errors import ConfigurationError, ImageError, InterleaveError, one_line
 from interleave_thinker.generators.coalescing import CoalescingGenerator
 from interleave_thinker.input_files import read_user_file
-from interleave_thinker.runner import choose_backends, make_settings, run_thread
+from interleave_thinker.prompts.packs import PromptPack
+from interleave_thinker.runner import choose_models, make_settings, run_thread
 from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import Request, RunOptions, request_text_problem
 from interleave_thinker.storage.atomic import write_atomically
 from interleave_thinker.workspace import Workspace, store_input_images
+
+logger = logging.getLogger(__name__)
 
 # A prompt file line longer than this is refused rather than parsed.
 MAX_LINE_CHARS = 1_000_000
@@ -124,6 +130,44 @@ def _decode_line(raw: bytes) -> str:
         ) from exc
 
 
+def batch_image_paths(
+    prompt_file: Path, images: Sequence[str], *, allow_outside: bool = False
+) -> list[Path]:
+    """The files a prompt line's ``images`` name, read relative to the prompt file's folder.
+
+    Unless ``allow_outside``, each must lie inside that folder once resolved: a prompt file
+    from elsewhere must not make the run read any file the user can read (and store it, and
+    send it to the models) through ``..``, an absolute path or a symbolic link. The resolved
+    path is returned, so a link changed after this check is not followed.
+    """
+    folder = prompt_file.absolute().parent
+    root = folder.resolve()
+    paths = []
+    for image in images:
+        candidate = folder / image
+        if allow_outside:
+            paths.append(candidate)
+            continue
+        try:
+            resolved = candidate.resolve()
+        except (OSError, RuntimeError) as exc:  # a symbolic link loop
+            raise ImageError(f"input image {image!r} cannot be resolved: {one_line(exc)}") from exc
+        if not resolved.is_relative_to(root):
+            if Path(image).is_absolute():
+                how = "is an absolute path"
+            elif not Path(os.path.normpath(candidate)).is_relative_to(os.path.normpath(folder)):
+                how = "climbs out with '..'"
+            else:
+                how = f"is a symbolic link (or lies under one) leading to {resolved}"
+            raise ImageError(
+                f"input image {image!r} is outside the prompt file's folder {root}: it {how}; "
+                "move the image into that folder, or pass --allow-outside-images "
+                "(allow_outside_images=True) if you trust the prompt file",
+            )
+        paths.append(resolved)
+    return paths
+
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -190,11 +234,14 @@ async def arun_batch(
     on_progress: ProgressHandler | None = None,
     callbacks: Callbacks = None,
     timeouts: Timeouts | None = None,
+    allow_outside_images: bool = False,
+    prompts: str | PromptPack | None = None,
 ) -> BatchReport:
     """Run every prompt of the shard; finished threads are skipped, unfinished ones resumed.
 
     ``timeouts`` bound each call as in ``arun``; a generator call includes the wait for the
-    merged batch it joins.
+    merged batch it joins. A line's ``images`` must stay inside the prompt file's folder
+    unless ``allow_outside_images`` (see :func:`batch_image_paths`).
     """
     if concurrency < 1:
         raise ConfigurationError("--concurrency must be at least 1")
@@ -206,11 +253,15 @@ async def arun_batch(
             hint="for no limit: 0 on the command line, None in Python",
         )
     path = Path(prompt_file)
-    prompts, bad_lines = read_prompt_file(path)
-    mine = [item for item in prompts if in_shard(item.prompt.id, shard)]
+    lines, bad_lines = read_prompt_file(path)
+    mine = [item for item in lines if in_shard(item.prompt.id, shard)]
     workspace = Workspace.open(run_dir, checkpointer)
-    profile_name, backends = choose_backends(profile, backends, model_settings)
-    settings = make_settings(profile_name, backends, options)
+    if options is None:
+        options = RunOptions(paper=bool(model_settings and model_settings.paper))
+    profile_name, backends, pack = choose_models(
+        profile, backends, model_settings, prompts=prompts, paper=options.paper
+    )
+    settings = make_settings(profile_name, backends, options, pack)
     # One backend call at a time by default (one GPU): requests gather while it runs.
     coalescing = CoalescingGenerator(
         backends.generator, max_batch=max_batch, max_wait=max_wait, max_in_flight=max_in_flight
@@ -218,25 +269,35 @@ async def arun_batch(
     context = workspace.context(
         Backends(planner=backends.planner, critic=backends.critic, generator=coalescing),
         Timeouts.chosen(timeouts, model_settings),
+        prompts=pack,
     )
     notify = on_progress or (lambda _: None)
     notify({"event": "batch", "total": len(mine), "bad_lines": len(bad_lines)})
     limit = asyncio.Semaphore(concurrency)
 
-    async def one(item: PromptLine, graph: Any) -> PromptOutcome:
+    url = workspace.checkpointer_url
+    finished: dict[int, PromptOutcome] = {}
+
+    async def one(item: PromptLine, graph: Any) -> None:
         thread_id = thread_id_for(item.prompt.id)
         async with limit:
             notify({"event": "started", "prompt_id": item.prompt.id})
             try:
-                images = [path.parent / image for image in item.prompt.images]
-                request = Request(
-                    text=item.prompt.text,
-                    images=tuple(store_input_images(workspace.image_store, images)),
-                )
-                document = await run_thread(
-                    graph, thread_id, request, settings, context, callbacks=callbacks
-                )
-                page = workspace.write_document_page(thread_id, document)
+                # One writer per thread: a prompt whose thread another process runs (the same
+                # batch started twice) fails with ThreadBusyError and the others go on.
+                async with thread_lease(url, workspace.run_dir, thread_id):
+                    with storage_faults(thread_id, url, workspace.run_dir):
+                        images = batch_image_paths(
+                            path, item.prompt.images, allow_outside=allow_outside_images
+                        )
+                        request = Request(
+                            text=item.prompt.text,
+                            images=tuple(store_input_images(workspace.image_store, images)),
+                        )
+                        document = await run_thread(
+                            graph, thread_id, request, settings, context, callbacks=callbacks
+                        )
+                    page = workspace.write_document_page(thread_id, document)
                 outcome = PromptOutcome(
                     item.prompt.id, item.line, thread_id, "done", str(page),
                     generator_calls=document.generator_calls,
@@ -247,21 +308,65 @@ async def arun_batch(
                 outcome = PromptOutcome(
                     item.prompt.id, item.line, thread_id, "failed", error=" ".join(message.split())
                 )
+            except Exception as exc:
+                # Not one of ours (a bug, a backend's own error): still only this prompt's.
+                logger.error("prompt %r failed", item.prompt.id, exc_info=True)
+                outcome = PromptOutcome(
+                    item.prompt.id, item.line, thread_id, "failed",
+                    error=f"{type(exc).__name__}: {one_line(exc)}",
+                )
+            finished[item.line] = outcome
             notify({"event": "finished", "prompt_id": item.prompt.id, "status": outcome.status})
-            return outcome
 
-    async with workspace.graph() as graph:
-        outcomes = list(await asyncio.gather(*(one(item, graph) for item in mine)))
+    stopped = "the batch stopped before this prompt finished; run the batch again to continue it"
+    try:
+        async with workspace.graph() as graph:
+            await asyncio.gather(*(one(item, graph) for item in mine))
+    except Exception as exc:
+        stopped = f"not run: {exc.message if isinstance(exc, InterleaveError) else one_line(exc)}"
+        raise
+    finally:
+        # Written whatever happened (an interrupted or failed batch included): every prompt
+        # has its row, those that did not finish with why.
+        outcomes = [
+            finished.get(item.line)
+            or PromptOutcome(item.prompt.id, item.line, thread_id_for(item.prompt.id), "failed",
+                             error=stopped)
+            for item in mine
+        ]
+        manifest, index = _write_results(workspace.run_dir, path, shard, outcomes, bad_lines)
+    return BatchReport(outcomes, bad_lines, manifest, index, coalescing.backend_calls)
 
+
+def _write_results(
+    run_dir: Path,
+    source: Path,
+    shard: tuple[int, int],
+    outcomes: list[PromptOutcome],
+    bad_lines: list[BadLine],
+) -> tuple[Path, Path]:
+    """Write the manifest and the index page; a full disk is a StorageError saying so."""
     suffix = "" if shard == (0, 1) else f"-shard-{shard[0]}-of-{shard[1]}"
-    folder = workspace.run_dir / "batches" / f"{_UNSAFE.sub('-', path.stem)}{suffix}"
+    folder = run_dir / "batches" / f"{_UNSAFE.sub('-', source.stem)}{suffix}"
     manifest = folder / "manifest.jsonl"
+    index = folder / "index.html"
     rows = [asdict(outcome) for outcome in outcomes]
     rows += [{"line": bad.line, "status": "invalid", "error": bad.error} for bad in bad_lines]
-    write_atomically(manifest, "".join(json.dumps(row) + "\n" for row in rows).encode())
-    index = folder / "index.html"
-    write_atomically(index, _index_page(path, outcomes, bad_lines, index).encode())
-    return BatchReport(outcomes, bad_lines, manifest, index, coalescing.backend_calls)
+    for target, data in (
+        (manifest, "".join(json.dumps(row) + "\n" for row in rows)),
+        (index, _index_page(source, outcomes, bad_lines, index)),
+    ):
+        try:
+            write_atomically(target, data.encode())
+        except OSError as exc:
+            failed = file_error(
+                exc, None, what=f"the batch results {target}",
+                then="run the batch again: finished prompts are skipped, the others continue",
+            )
+            if failed is None:
+                raise
+            raise failed from exc
+    return manifest, index
 
 
 def _index_page(source: Path, outcomes: list[PromptOutcome], bad: list[BadLine], index: Path) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from langchain_core.language_models import BaseChatModel
 
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.generators.base import ImageGenerator
+from interleave_thinker.prompts.packs import InterleavePack, PromptPack
 from interleave_thinker.settings import ModelSettings, redact_url
 from interleave_thinker.storage.image_store import ImageStore
 from interleave_thinker.storage.ledger import GenerationLedger
@@ -79,6 +80,8 @@ class Context:
     ledger: GenerationLedger
     timeouts: Timeouts = Timeouts()
     verdicts: VerdictLedger | None = None
+    # The wording and message layout the planner and critic get (the thread records its identity).
+    prompts: PromptPack = field(default_factory=InterleavePack)
 
     def __post_init__(self) -> None:
         if self.verdicts is None:

@@ -30,6 +30,8 @@ class PlanReady(_Event):
 
     event: Literal["plan"] = "plan"
     steps: list[dict[str, Any]]
+    # What was corrected while reading the plan (e.g. renumbered steps).
+    notes: list[str] = []
 
 
 class StepStarted(_StepEvent):

@@ -9,8 +9,9 @@ from typing import Any
 
 from langgraph.types import StateSnapshot
 
+from interleave_thinker.checkpoints.faults import check_state, storage_faults
 from interleave_thinker.checkpoints.savers import list_thread_ids
-from interleave_thinker.errors import UnknownThreadError
+from interleave_thinker.errors import DamagedCheckpointError, UnknownThreadError
 from interleave_thinker.state import Document, DocumentStep, StepProgress
 from interleave_thinker.workspace import Workspace, thread_config
 
@@ -65,10 +66,17 @@ async def alist_threads(
     summaries = []
     async with workspace.graph() as graph:
         assert graph.checkpointer is not None and not isinstance(graph.checkpointer, bool)
-        threads = await list_thread_ids(graph.checkpointer)
+        with storage_faults(None, workspace.checkpointer_url):
+            threads = await list_thread_ids(graph.checkpointer)
         for thread in threads:
-            snapshot = await graph.aget_state(thread_config(thread))
-            values = snapshot.values
+            try:
+                with storage_faults(thread, workspace.checkpointer_url):
+                    snapshot = await graph.aget_state(thread_config(thread))
+                values = check_state(thread, snapshot.values)
+            except DamagedCheckpointError:
+                # One damaged thread must not hide the others; `show` says what is wrong.
+                summaries.append(ThreadSummary(thread, "damaged", "(its checkpoint is damaged)", 0, 0, ""))
+                continue
             if not values:
                 continue
             plan = values.get("plan")
@@ -95,7 +103,8 @@ async def athread_report(
     workspace = Workspace.open(run_dir, checkpointer)
     async with workspace.graph() as graph:
         await workspace.existing_state(graph, thread_id)
-        snapshot = await graph.aget_state(thread_config(thread_id))
+        with storage_faults(thread_id, workspace.checkpointer_url):
+            snapshot = await graph.aget_state(thread_config(thread_id))
     values = snapshot.values
     plan = values.get("plan")
     progress: dict[int, StepProgress | DocumentStep] = {
@@ -136,6 +145,7 @@ async def athread_report(
         "next": list(snapshot.next),
         "errors": errors,
         "document_path": str(path) if path.exists() else None,
+        "text_answer": document.text_answer if document is not None else None,
         "steps": steps,
     }
 

@@ -13,11 +13,23 @@ from langchain_core.callbacks import Callbacks
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
+from interleave_thinker.checkpoints.faults import check_state, storage_faults
+from interleave_thinker.checkpoints.leases import thread_lease
 from interleave_thinker.context import Backends, Context, Timeouts, model_identity
 from interleave_thinker.errors import ConfigurationError, ReviewRequired, SettingsMismatchError
 from interleave_thinker.events import ProgressEvent, ThreadStarted, parse_event
-from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
+from interleave_thinker.graph import thread_recursion_limit
+from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile, with_prompt_pack
 from interleave_thinker.nodes.review import REVIEW_KINDS, check_review_answer
+from interleave_thinker.prompts.official import FETCH_COMMAND, recorded_clone
+from interleave_thinker.prompts.packs import (
+    OFFICIAL,
+    PROMPTS_ENV,
+    InterleavePack,
+    OfficialPack,
+    PromptPack,
+    resolve_prompt_pack,
+)
 from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import (
     Document,
@@ -50,12 +62,15 @@ class RunResult:
     document_path: Path
 
 
-def make_settings(profile: str, backends: Backends, options: RunOptions | None) -> RunSettings:
+def make_settings(
+    profile: str, backends: Backends, options: RunOptions | None, prompts: PromptPack | None = None
+) -> RunSettings:
     return RunSettings(
         profile=profile,
         planner=model_identity(backends.planner),
         critic=model_identity(backends.critic),
         generator=backends.generator.identity,
+        prompts=(prompts or InterleavePack()).identity,
         options=options or RunOptions(),
     )
 
@@ -101,7 +116,12 @@ async def _drive(
     # hard kill loses at most the node that was running.
     async for event in graph.astream(
         graph_input,
-        {**thread_config(thread_id), "callbacks": callbacks},
+        {
+            **thread_config(thread_id),
+            "callbacks": callbacks,
+            # LangGraph's default (25 supersteps) is less than a long trajectory needs.
+            "recursion_limit": await thread_recursion_limit(graph, graph_input, thread_config(thread_id)),
+        },
         context=context,
         durability="sync",
         stream_mode="custom",
@@ -133,9 +153,14 @@ async def arun(
     on_event: EventHandler | None = None,
     callbacks: Callbacks = None,
     timeouts: Timeouts | None = None,
+    prompts: str | PromptPack | None = None,
 ) -> RunResult:
     """Run a request to its document with a profile (default: the real in-process models,
     configured by ``model_settings``) or your own ``backends``.
+
+    ``prompts`` picks the prompt pack (``interleave``, ``official``, ``official:PATH`` or a
+    ``PromptPack``; see :func:`choose_models`). ``options`` default to the paper's loop when
+    ``model_settings.paper`` is set.
 
     With an existing ``thread_id`` the thread is continued if its request and settings are the
     same, and refused otherwise. ``timeouts`` bound each generator and chat-model call (default:
@@ -145,16 +170,24 @@ async def arun(
     # An empty id is refused rather than replaced by a new one: the caller meant some thread.
     thread_id = new_thread_id() if thread_id is None else validate_thread_id(thread_id)
     workspace = Workspace.open(run_dir, checkpointer)
-    profile_name, backends = choose_backends(profile, backends, model_settings)
-    settings = make_settings(profile_name, backends, options)
+    if options is None:
+        options = RunOptions(paper=bool(model_settings and model_settings.paper))
+    profile_name, backends, pack = choose_models(
+        profile, backends, model_settings, prompts=prompts, paper=options.paper
+    )
+    settings = make_settings(profile_name, backends, options, pack)
     request = Request(text=text, images=tuple(store_input_images(workspace.image_store, images)))
-    context = workspace.context(backends, Timeouts.chosen(timeouts, model_settings))
+    context = workspace.context(backends, Timeouts.chosen(timeouts, model_settings), prompts=pack)
     if on_event is not None:
         on_event(ThreadStarted(thread_id=thread_id, resumed=False))
-    async with workspace.graph() as graph:
-        document = await run_thread(
-            graph, thread_id, request, settings, context, on_event, callbacks
-        )
+    # One writer per thread (ThreadBusyError for a second), let go only once the checkpointer
+    # is closed with its writes done; storage faults as StorageError.
+    url = workspace.checkpointer_url
+    async with thread_lease(url, workspace.run_dir, thread_id), workspace.graph() as graph:
+        with storage_faults(thread_id, url, workspace.run_dir):
+            document = await run_thread(
+                graph, thread_id, request, settings, context, on_event, callbacks
+            )
     return RunResult(thread_id, document, workspace.write_document_page(thread_id, document))
 
 
@@ -184,7 +217,7 @@ async def run_thread(
     snapshot = await graph.aget_state(thread_config(thread_id))
     graph_input: TrajectoryState | None = None
     if snapshot.values:
-        values = snapshot.values
+        values = check_state(thread_id, snapshot.values)
         refuse_other_settings(
             thread_id, (values["request"], values["settings"]), (request, settings)
         )
@@ -210,6 +243,7 @@ async def aresume(
     on_event: EventHandler | None = None,
     callbacks: Callbacks = None,
     timeouts: Timeouts | None = None,
+    prompts: str | PromptPack | None = None,
 ) -> RunResult:
     """Continue a thread from its last checkpoint; settings left out are the thread's own.
 
@@ -222,7 +256,10 @@ async def aresume(
     thread's; any that differ make the resume refuse, as a changed ``options`` or model does.
     """
     workspace = Workspace.open(run_dir, checkpointer)
-    async with workspace.graph() as graph:
+    url = workspace.checkpointer_url
+    # The lease comes first, so the state is read by the one writer of the thread.
+    lease = thread_lease(url, workspace.run_dir, validate_thread_id(thread_id))
+    async with lease, workspace.graph() as graph:
         stored = await workspace.existing_state(graph, thread_id)
         stored_settings: RunSettings = stored["settings"]
         if backends is None and profile is None and stored_settings.profile == CUSTOM_PROFILE:
@@ -230,11 +267,16 @@ async def aresume(
                 f"thread {thread_id} ran with custom models, which cannot be rebuilt by name",
                 hint="pass the same backends to resume()",
             )
-        profile_name, backends = choose_backends(
-            profile or stored_settings.profile, backends, model_settings
-        )
         chosen = (options or stored_settings.options).with_changes(**(changes or {}))
-        settings = make_settings(profile_name, backends, chosen)
+        profile_name, backends, pack = choose_models(
+            profile or stored_settings.profile,
+            backends,
+            model_settings,
+            prompts=prompts,
+            paper=chosen.paper,
+            thread_prompts=stored_settings.prompts,
+        )
+        settings = make_settings(profile_name, backends, chosen, pack)
         refuse_other_settings(
             thread_id, (stored["request"], stored["settings"]), (stored["request"], settings)
         )
@@ -247,14 +289,17 @@ async def aresume(
                 # no resume value recorded against it.
                 check_review_answer(review, stored)
             resume_with = Command(resume=review) if review is not None else None
-            document = await _drive(
-                graph,
-                resume_with,
-                thread_id,
-                workspace.context(backends, Timeouts.chosen(timeouts, model_settings)),
-                on_event,
-                callbacks,
-            )
+            with storage_faults(thread_id, url, workspace.run_dir):
+                document = await _drive(
+                    graph,
+                    resume_with,
+                    thread_id,
+                    workspace.context(
+                        backends, Timeouts.chosen(timeouts, model_settings), prompts=pack
+                    ),
+                    on_event,
+                    callbacks,
+                )
     return RunResult(thread_id, document, workspace.write_document_page(thread_id, document))
 
 
@@ -265,6 +310,48 @@ def choose_backends(
         return profile or CUSTOM_PROFILE, backends
     profile = profile or DEFAULT_PROFILE
     return profile, load_profile(profile, model_settings)
+
+
+def _paper_needs_official() -> ConfigurationError:
+    return ConfigurationError(
+        "paper mode needs the official prompts, which the released checkpoints were trained on",
+        hint=f"run `{FETCH_COMMAND}` once (or pass --prompts official:PATH to your clone)",
+    )
+
+
+def choose_models(
+    profile: str | None,
+    backends: Backends | None,
+    model_settings: ModelSettings | None,
+    *,
+    prompts: str | PromptPack | None = None,
+    paper: bool = False,
+    thread_prompts: str | None = None,
+) -> tuple[str, Backends, PromptPack]:
+    """The profile name, the backends and the prompt pack of a run.
+
+    ``prompts`` (else the settings' ``prompts``, else ``$INTERLEAVE_PROMPTS``) names the pack;
+    left unset it is the official one in paper mode or when resuming a thread that used it
+    (``thread_prompts``), else chosen by the models (see ``resolve_prompt_pack``).
+    """
+    profile_name, built = choose_backends(profile, backends, model_settings)
+    spec = prompts
+    if spec is None:
+        spec = model_settings.prompts if model_settings is not None else os.environ.get(PROMPTS_ENV) or None
+    if isinstance(spec, PromptPack):
+        pack = spec
+    else:
+        if spec in (None, "auto") and (paper or (thread_prompts or "").startswith(OFFICIAL)):
+            if paper and recorded_clone() is None:
+                raise _paper_needs_official()
+            spec = OFFICIAL
+        pack = resolve_prompt_pack(
+            spec, planner=model_identity(built.planner), critic=model_identity(built.critic)
+        )
+    if paper and not isinstance(pack, OfficialPack):
+        raise _paper_needs_official()
+    unset_length = backends is None and (model_settings is None or model_settings.max_new_tokens is None)
+    return profile_name, with_prompt_pack(built, pack, fit_length=unset_length), pack
 
 
 def run(text: str, **kwargs: Any) -> RunResult:

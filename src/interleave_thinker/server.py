@@ -14,6 +14,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 
+from interleave_thinker.checkpoints.leases import thread_lease
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import (
     ConfigurationError,
@@ -22,11 +23,13 @@ from interleave_thinker.errors import (
     SettingsMismatchError,
     one_line,
 )
-from interleave_thinker.graph import build_graph
-from interleave_thinker.models.profiles import DEFAULT_PROFILE, load_profile
+from interleave_thinker.graph import build_graph, recursion_limit
+from interleave_thinker.models.profiles import DEFAULT_PROFILE
 from interleave_thinker.nodes.common import thread_of
+from interleave_thinker.prompts.packs import PromptPack
 from interleave_thinker.runner import (
     check_request_text,
+    choose_models,
     make_settings,
     refuse_other_settings,
     trajectory_input,
@@ -94,22 +97,23 @@ class ServerContext:
 # One compiled trajectory graph for every run: it borrows the server's checkpointer at run time.
 TRAJECTORY = build_graph()
 
-_BACKENDS: dict[str, Backends] = {}
-_BACKENDS_LOCK = threading.Lock()
+_MODELS: dict[tuple[str, bool], tuple[Backends, PromptPack]] = {}
+_MODELS_LOCK = threading.Lock()
 
 
-def _load_backends(profile: str) -> Backends:
+def _load_models(profile: str, paper: bool) -> tuple[Backends, PromptPack]:
     # Real models take minutes and gigabytes to load, so each profile is built once per server
-    # process (models from $INTERLEAVE_* / $INTERLEAVE_CONFIG) and shared by every run.
-    with _BACKENDS_LOCK:
-        if profile not in _BACKENDS:
-            _BACKENDS[profile] = load_profile(profile, load_model_settings())
-        return _BACKENDS[profile]
+    # process (models and prompt pack from $INTERLEAVE_* / $INTERLEAVE_CONFIG) and shared.
+    with _MODELS_LOCK:
+        if (profile, paper) not in _MODELS:
+            _, backends, pack = choose_models(profile, None, load_model_settings(), paper=paper)
+            _MODELS[(profile, paper)] = (backends, pack)
+        return _MODELS[(profile, paper)]
 
 
-async def _backends(profile: str) -> Backends:
+async def _models(profile: str, paper: bool = False) -> tuple[Backends, PromptPack]:
     # Loading models and reading settings files block; the server's event loop must not.
-    return await asyncio.to_thread(_load_backends, profile)
+    return await asyncio.to_thread(_load_models, profile, paper)
 
 
 async def _workspace() -> Workspace:
@@ -210,11 +214,12 @@ async def prepare_request(state: ServerState, runtime: Runtime[ServerContext]) -
     # The same rules as the CLI and arun: not empty, not over the length limit, no control codes.
     text = check_request_text(state.get("text"))
     profile = _chosen_profile(state.get("profile"), runtime.context)
-    backends = await _backends(profile)
+    options = _options(state.get("options"))
+    backends, pack = await _models(profile, options.paper)
     workspace = await _workspace()
     images = await asyncio.to_thread(_input_images, workspace, state.get("images") or [])
     request = Request(text=text, images=tuple(images))
-    settings = make_settings(profile, backends, _options(state.get("options")))
+    settings = make_settings(profile, backends, options, pack)
     stored_request, stored_settings = state.get("request"), state.get("settings")
     if stored_request is not None and stored_settings is not None:
         # The same request again on this thread continues it (or returns its document); another
@@ -245,20 +250,26 @@ async def run_trajectory(
             f"thread {thread_id} runs with profile {settings.profile!r}, not {asked!r}",
             hint="resume it with its own profile or start a new thread",
         )
-    backends = await _backends(settings.profile)
+    backends, pack = await _models(settings.profile, settings.options.paper)
     # A resume after a server restart may meet other models (changed $INTERLEAVE_* variables).
-    now = make_settings(settings.profile, backends, settings.options)
+    now = make_settings(settings.profile, backends, settings.options, pack)
     refuse_other_settings(
         thread_id, (state["request"], settings), (state["request"], now), hint=_SERVER_RESUME_HINT
     )
     workspace = await _workspace()
+    # The server's run config carries LangGraph's default recursion limit (25 supersteps),
+    # less than a long trajectory needs.
+    limit = max(recursion_limit(settings), config.get("recursion_limit") or 0)
     # Called from this node, the subgraph checkpoints under this task's namespace in the
     # server's checkpointer: a resume (input null) re-enters this task and continues it there.
-    result = await TRAJECTORY.ainvoke(
-        {key: state[key] for key in TRAJECTORY_KEYS if key in state},
-        config,
-        context=workspace.context(backends),
-    )
+    # One writer per thread, also across server processes sharing the run directory (the
+    # server's checkpointer is its own, so the lease is a file under the run directory).
+    async with thread_lease(None, workspace.run_dir, thread_id):
+        result = await TRAJECTORY.ainvoke(
+            {key: state[key] for key in TRAJECTORY_KEYS if key in state},
+            {**config, "recursion_limit": limit},
+            context=workspace.context(backends, prompts=pack),
+        )
     document = result.get("document")
     if isinstance(document, Document):
         await asyncio.to_thread(workspace.write_document_page, thread_id, document)
@@ -291,8 +302,9 @@ def make_app() -> Starlette:
     """Routes beside the LangGraph API for what the state only references: image bytes and pages.
 
     - ``GET /interleave/images/{sha256}``: a stored image, verified against its hash.
-    - ``POST /interleave/images``: store the image in the body (PNG, JPEG or WebP); returns its
-      ImageRef, to pass in a run's ``images`` input.
+    - ``POST /interleave/images``: store the image in the body (a still PNG, JPEG or WebP),
+      normalised as the CLI's input images are; returns its ImageRef, to pass in a run's
+      ``images`` input.
     - ``GET /interleave/threads/{thread_id}/document``: the HTML page of a finished thread.
     """
     from starlette.applications import Starlette
@@ -330,7 +342,9 @@ def make_app() -> Starlette:
         workspace = await _workspace()
         try:
             ref = await asyncio.to_thread(
-                workspace.image_store.put, bytes(body), what="uploaded image"
+                # Stored as the models will see it (upright, 8-bit RGB, opaque); the returned
+                # reference names the stored image, which may differ from the bytes sent.
+                workspace.image_store.put_input, bytes(body), what="uploaded image"
             )
         except ImageError as exc:
             return _error(400, exc)

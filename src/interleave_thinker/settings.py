@@ -6,7 +6,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError
@@ -34,6 +34,10 @@ DEFAULT_PLANNER = "InterleaveThinker/InterleaveThinker-Planner-8B"
 # stricter and so triggers more redraws: more generator calls for more faithful images.
 DEFAULT_CRITIC = "InterleaveThinker/Critic-SFT-8B"
 DEFAULT_GENERATOR = "black-forest-labs/FLUX.2-klein-4B"
+# Paper mode's defaults: the official scripts' choices (the GRPO critic, the 9B generator).
+PAPER_PLANNER = "InterleaveThinker/InterleaveThinker-Planner-8B"
+PAPER_CRITIC = "InterleaveThinker/InterleaveThinker-Critic-8B"
+PAPER_GENERATOR = "black-forest-labs/FLUX.2-klein-9B"
 
 
 class ModelSettings(BaseSettings):
@@ -69,8 +73,39 @@ class ModelSettings(BaseSettings):
     cpu_offload: bool = Field(default=False, description="Offload idle diffusers parts to the CPU.")
     steps: int | None = Field(default=None, ge=1, le=1000, description="Denoising steps.")
     guidance: float | None = Field(default=None, ge=0, description="Guidance scale.")
-    max_new_tokens: int = Field(default=2048, ge=16, le=65536)
-    temperature: float = Field(default=0.0, ge=0, le=5, description="0 decodes greedily.")
+    # Decoding: None leaves each to the model's own generation_config.json (in process) or the
+    # server's defaults (served), as the released checkpoints shipped.
+    max_new_tokens: int | None = Field(
+        default=None, ge=16, le=65536,
+        description="Reply length limit; default 2048, or 4096 with the official prompts.",
+    )
+    temperature: float | None = Field(default=None, ge=0, le=5, description="0 decodes greedily.")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    do_sample: bool | None = Field(default=None, description="False decodes greedily.")
+    # Prompt pack: interleave, official, official:PATH or auto (the official prompts for the
+    # InterleaveThinker checkpoints when fetched).
+    prompts: str | None = Field(default=None, description="interleave, official, official:PATH or auto.")
+    # The official UEval loop: official prompts, its models, its budget and seeds.
+    paper: bool = Field(default=False, description="Reproduce the paper's loop (see README).")
+    # In-process planner and critic: transformers' generate (portable, one request at a time per
+    # model) or vLLM's engine (batches concurrent requests; the recommended GPU setting).
+    engine: Literal["transformers", "vllm"] = Field(
+        default="transformers", description="In-process planner/critic engine: transformers or vllm."
+    )
+    # The vLLM engines' share of the GPU's memory, all of them together: split evenly when the
+    # planner and the critic load different weights; the rest is the diffusers pipeline's. On an
+    # 80 GB GPU with the default models, 0.6 = 48 GB: 24 GB per 8B engine (17.5 GB of bf16
+    # weights, ~2 GB of activations, ~4.5 GB of KV cache, about 30k tokens), leaving 32 GB for
+    # FLUX.2-klein-4B (about 16 GB of weights with its text encoder, plus activations).
+    vllm_gpu_memory: float = Field(
+        default=0.6, gt=0, le=0.95, description="GPU memory share of the vLLM engines together."
+    )
+    vllm_max_model_len: int | None = Field(
+        default=16384, ge=256,
+        description="Prompt plus reply tokens per vLLM request (None: the checkpoint's, 256k for "
+        "Qwen3-VL, which no KV cache share above holds).",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -122,7 +157,14 @@ def load_model_settings(config_file: str | os.PathLike[str] | None = None, **fla
             f"invalid model setting {where}: {first['msg']}",
             hint=f"check the flag, the INTERLEAVE_{where.upper()} variable or the settings file",
         ) from exc
-    return ModelSettings.model_construct(**loaded.model_dump())
+    values = loaded.model_dump()
+    if loaded.paper:
+        # The paper's models unless the flags, environment or file named others.
+        for name, default in (("planner", PAPER_PLANNER), ("critic", PAPER_CRITIC),
+                              ("generator", PAPER_GENERATOR)):
+            if name not in loaded.model_fields_set:
+                values[name] = default
+    return ModelSettings.model_construct(**values)
 
 
 # Where served chat models and the OpenAI Images generator find their key, in this order. Our own

@@ -7,7 +7,7 @@ import json
 import re
 from typing import Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
@@ -251,6 +251,13 @@ class StepProgress(_Record):
 
 SelectionPolicy = Literal["last", "best"]
 OutputMode = Literal["tagged", "structured"]
+# How a generator call's seed is derived (nodes/scheduling.py): ``hash`` of (run seed, step,
+# attempt); ``ueval`` as the official UEval script (step position * 100 + try, from 0); ``demo``
+# as the official demo script (step index from 0 * 1000, the same on every try).
+SeedScheme = Literal["hash", "ueval", "demo"]
+# What a critic that never gives a readable verdict means: stop the run with an error, or (as
+# the official script) count the attempt as rejected.
+UnreadableVerdict = Literal["error", "reject"]
 
 
 class Budget(_Record):
@@ -263,16 +270,35 @@ class Budget(_Record):
     accept_final_without_critic: bool = False
 
 
+# Paper mode: the loop of the official UEval script that produced the paper's numbers. Each
+# value applies unless the options set that field themselves.
+PAPER_OPTIONS: dict[str, object] = {
+    "budget": {"max_attempts": 3, "accept_final_without_critic": True, "selection": "last"},
+    "seed_scheme": "ueval",
+    # The official script samples an unreadable reply again, five tries in all.
+    "max_reasks": 4,
+    "unreadable_verdict": "reject",
+    "width": 1024,
+    "height": 1024,
+}
+
+
 class RunOptions(_Record):
     """The user's choices for a run that change its results (budget, seed, size, limits)."""
 
+    # True: the paper's loop (PAPER_OPTIONS) for every field these options leave unset, and
+    # the official prompts are required.
+    paper: bool = False
     budget: Budget = Budget()
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     # False follows the paper: every attempt of a step uses the same seed, only the prompt changes.
     reseed_retries: bool = False
     width: int = Field(default=1024, ge=16, le=8192)
     height: int = Field(default=1024, ge=16, le=8192)
-    max_steps: int = Field(default=12, ge=1, le=100)
+    # None: as many steps as the planner writes (the released planner has no limit).
+    max_steps: int | None = Field(default=None, ge=1, le=1000)
+    seed_scheme: SeedScheme = "hash"
+    unreadable_verdict: UnreadableVerdict = "error"
     # Unreadable planner or critic output is re-asked at most this many times.
     max_reasks: int = Field(default=3, ge=0, le=100)
     # tagged: <think>/<answer> replies as the released checkpoints print them; structured: the
@@ -282,6 +308,25 @@ class RunOptions(_Record):
     review_plan: bool = False
     # Pause before a step is committed as forced so a person picks the attempt to keep.
     review_forced: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_defaults(cls, data: object) -> object:
+        if not (isinstance(data, dict) and data.get("paper") is True):
+            return data
+        merged = dict(data)
+        for name, value in PAPER_OPTIONS.items():
+            if name == "budget":
+                given = merged.get("budget")
+                if isinstance(given, Budget):
+                    continue
+                budget = dict(value)  # type: ignore[call-overload]
+                if isinstance(given, dict):
+                    budget.update(given)
+                merged["budget"] = budget
+            else:
+                merged.setdefault(name, value)
+        return merged
 
     def with_changes(self, **changes: object) -> RunOptions:
         """A validated copy with the given fields changed; budget fields may be named directly."""
@@ -308,6 +353,8 @@ class RunSettings(_Record):
     planner: str
     critic: str
     generator: str
+    # The prompt pack's identity: "interleave", or "official:<digest of the templates>".
+    prompts: str = "interleave"
     options: RunOptions = RunOptions()
 
     def fingerprint(self, request: Request) -> dict[str, str]:
@@ -368,6 +415,12 @@ class Document(_Record):
     steps: tuple[DocumentStep, ...]
     profile: str = ""
     generator_calls: int = 0
+
+    @property
+    def text_answer(self) -> str:
+        """Every step's text joined without a separator: the text answer the official UEval
+        script submits (a step's auxiliary text when it has one, else its instruction)."""
+        return "".join(step.text for step in self.steps)
 
     def content_for_comparison(self) -> list[dict]:
         """Steps with the per-run timing fields of attempts removed."""

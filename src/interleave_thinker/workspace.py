@@ -14,16 +14,18 @@ from typing import Any
 
 from langgraph.graph.state import CompiledStateGraph
 
+from interleave_thinker.checkpoints.faults import check_state, file_error, storage_faults
 from interleave_thinker.checkpoints.savers import default_checkpointer_url, open_checkpointer, sqlite_path
 from interleave_thinker.context import Backends, Context, Timeouts
 from interleave_thinker.errors import ConfigurationError, ImageError, UnknownThreadError
 from interleave_thinker.graph import build_graph
 from interleave_thinker.input_files import read_user_file, shown_path
+from interleave_thinker.prompts.packs import InterleavePack, PromptPack
 from interleave_thinker.render.html import render_html
 from interleave_thinker.settings import redact_url
 from interleave_thinker.state import Document, ImageRef, TrajectoryState
 from interleave_thinker.storage.atomic import STAGING_DIR, sweep_abandoned_writes, write_atomically
-from interleave_thinker.storage.image_store import MAX_IMAGE_BYTES, ImageStore, not_an_image
+from interleave_thinker.storage.image_store import MAX_IMAGE_BYTES, ImageStore
 from interleave_thinker.storage.ledger import GenerationLedger
 from interleave_thinker.storage.verdicts import VerdictLedger
 
@@ -61,7 +63,9 @@ class Workspace:
     def ledger(self) -> GenerationLedger:
         return GenerationLedger(self.run_dir / "generations", self.image_store)
 
-    def context(self, backends: Backends, timeouts: Timeouts | None = None) -> Context:
+    def context(
+        self, backends: Backends, timeouts: Timeouts | None = None, *, prompts: PromptPack | None = None
+    ) -> Context:
         store = self.image_store
         ledger = GenerationLedger(self.run_dir / "generations", store)
         verdicts = VerdictLedger(self.run_dir / "verdicts")
@@ -75,6 +79,7 @@ class Workspace:
             ledger=ledger,
             verdicts=verdicts,
             timeouts=timeouts or Timeouts(),
+            prompts=prompts or InterleavePack(),
         )
 
     @property
@@ -88,11 +93,23 @@ class Workspace:
     def write_document_page(self, thread_id: str, document: Document) -> Path:
         """Render ``document`` as HTML to its place under ``documents/``, atomically."""
         path = self.document_path(thread_id)
-        html = render_html(document, self.image_store, thread_id=thread_id)
-        # A page write a killed run left half-done is cleared first (a finished thread's resume
-        # writes only this page, without opening a Context).
-        sweep_abandoned_writes(self.documents_staging)
-        write_atomically(path, html.encode("utf-8"), staging=self.documents_staging)
+        try:
+            html = render_html(document, self.image_store, thread_id=thread_id)
+            # A page write a killed run left half-done is cleared first (a finished thread's
+            # resume writes only this page, without opening a Context).
+            sweep_abandoned_writes(self.documents_staging)
+            write_atomically(path, html.encode("utf-8"), staging=self.documents_staging)
+        except OSError as exc:
+            # The thread is finished and checkpointed: only the page is missing.
+            failed = file_error(
+                exc,
+                thread_id,
+                what=f"the document page {path}",
+                then=f"`interleave resume {thread_id}` writes the page (nothing is drawn again)",
+            )
+            if failed is None:
+                raise
+            raise failed from exc
         return path
 
     def protected_paths(self) -> list[Path]:
@@ -112,13 +129,16 @@ class Workspace:
     async def existing_state(
         self, graph: CompiledStateGraph[TrajectoryState, Context], thread_id: str
     ) -> TrajectoryState:
-        """The thread's latest state; UnknownThreadError when the checkpointer has no such thread."""
-        snapshot = await graph.aget_state(thread_config(validate_thread_id(thread_id)))
+        """The thread's latest state; UnknownThreadError when the checkpointer has no such
+        thread, StorageError when it cannot be read (DamagedCheckpointError: it is damaged)."""
+        with storage_faults(thread_id, self.checkpointer_url):
+            snapshot = await graph.aget_state(thread_config(validate_thread_id(thread_id)))
         if not snapshot.values:
             raise UnknownThreadError(
                 f"no thread {thread_id!r} in {redact_url(self.checkpointer_url)}",
                 hint="`interleave list` shows the threads; check --run-dir and --checkpointer",
             )
+        check_state(thread_id, snapshot.values)
         return snapshot.values
 
 
@@ -161,7 +181,8 @@ def new_thread_id() -> str:
 
 
 def store_input_images(store: ImageStore, paths: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
-    """Store the user's input images, refusing anything that is not a readable PNG, JPEG or WebP."""
+    """Store the user's input images as the models will see them (8-bit RGB, upright, opaque:
+    see ``normalise_input``), refusing anything that is not a readable still PNG, JPEG or WebP."""
     refs = []
     for path in paths:
         # Read bounded and without blocking: a FIFO, /dev/zero or a huge sparse file is refused
@@ -173,10 +194,6 @@ def store_input_images(store: ImageStore, paths: Sequence[str | os.PathLike[str]
             error=ImageError,
             hint="pass a PNG, JPEG or WebP file with --image",
         )
-        what = f"input image {shown_path(path)}"
-        problem = not_an_image(data)
-        if problem is not None:
-            raise ImageError(f"{what} {problem}", hint="convert it to PNG, JPEG or WebP")
-        refs.append(store.put(data, what=what))
+        refs.append(store.put_input(data, what=f"input image {shown_path(path)}"))
     return refs
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from interleave_thinker.cli.evaluation import eval_app
 from interleave_thinker.cli.generation import batch, demo, resume, run
+from interleave_thinker.cli.prompts import prompts_app
 from interleave_thinker.cli.threads import collect_garbage, export, list_threads, show
 
 app = typer.Typer(
@@ -25,5 +27,7 @@ app.command("list")(list_threads)
 app.command()(show)
 app.command()(export)
 app.command("gc")(collect_garbage)
+app.add_typer(prompts_app)
+app.add_typer(eval_app)
 
 __all__ = ["app"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +14,9 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from interleave_thinker.checkpoints.faults import storage_error
 from interleave_thinker.errors import InterleaveError
+from interleave_thinker.prompts.packs import PromptPackWarning
 from interleave_thinker.render.safe_text import terminal_text
 from interleave_thinker.settings import QUIET_LIBRARIES_ENV
 
@@ -39,7 +42,9 @@ def reports_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return command(*args, **kwargs)
         except InterleaveError as exc:
             # Library messages can span lines; ours stay one line each.
             err.print("error: " + " ".join(exc.message.split()))
@@ -49,12 +54,31 @@ def reports_errors(command: F) -> F:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             err.print(f"error: invalid setting {where}: {first['msg']}")
+        except Exception as exc:
+            # A storage fault that no boundary translated (a full disk, a lost database
+            # connection) is still one line and a hint; anything else is a bug: a traceback.
+            fault = storage_error(exc)
+            if fault is None:
+                raise
+            err.print("error: " + " ".join(fault.message.split()))
+            err.print("hint: " + " ".join(fault.hint.split()))
         except KeyboardInterrupt:
             err.print("error: interrupted; finished steps are saved")
             err.print("hint: continue with `interleave resume THREAD` (the id printed at start)")
         raise typer.Exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+_library_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Our warnings as one ``warning:`` line on stderr; other libraries' as Python prints them."""
+    if issubclass(category, PromptPackWarning):
+        err.print("warning: " + " ".join(str(message).split()))
+    else:
+        _library_showwarning(message, category, *args, **kwargs)
 
 
 def quiet_libraries() -> None:

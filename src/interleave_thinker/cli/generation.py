@@ -102,7 +102,7 @@ def run(
 ) -> None:
     """Plan, draw and check a whole interleaved document; prints the HTML path last."""
     quiet_libraries()
-    options = RunOptions().with_changes(**flags.option_changes()).with_changes(
+    options = flags.run_options().with_changes(
         accept_final_without_critic=accept_final_without_critic or None,
         review_plan=review_plan or None,
         review_forced=review_forced or None,
@@ -141,7 +141,7 @@ def resume(
 ) -> None:
     """Continue a thread from its last checkpoint (settings given must match the thread's)."""
     quiet_libraries()
-    changes = flags.option_changes()
+    changes = flags.resume_changes()
     try:
         result = asyncio.run(
             aresume(
@@ -197,13 +197,21 @@ def batch(
     shard: ShardOption = "0/1",
     max_batch: MaxBatchOption = 8,
     max_in_flight: MaxInFlightOption = 1,
+    allow_outside_images: Annotated[
+        bool,
+        typer.Option(
+            "--allow-outside-images",
+            help="Let a line's images lie outside the prompt file's folder (by '..', an absolute "
+            "path or a symbolic link); only for a prompt file you trust.",
+        ),
+    ] = False,
     flags: RunFlags = NO_FLAGS,
 ) -> None:
     """Run every prompt of a file as its own thread; rerunning resumes and skips finished ones."""
     from interleave_thinker.batch import arun_batch, parse_shard
 
     quiet_libraries()
-    options = RunOptions().with_changes(**flags.option_changes())
+    options = flags.run_options()
     with BatchProgress() as progress:
         report = asyncio.run(
             arun_batch(
@@ -219,6 +227,7 @@ def batch(
                 checkpointer=flags.checkpointer,
                 on_progress=progress.update,
                 callbacks=flags.callbacks(),
+                allow_outside_images=allow_outside_images,
             )
         )
     _print_batch_report(report, prompts)

@@ -15,7 +15,7 @@ import typer
 from interleave_thinker.cli.common import callbacks
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.settings import ModelSettings, load_model_settings
-from interleave_thinker.state import SelectionPolicy
+from interleave_thinker.state import RunOptions, SelectionPolicy
 from interleave_thinker.workspace import RUN_DIR_ENV
 
 RunDirOption = Annotated[
@@ -97,7 +97,7 @@ SizeOption = Annotated[
     str | None, typer.Option("--size", help="Image size as WIDTHxHEIGHT (default 1024x1024).")
 ]
 MaxStepsOption = Annotated[
-    int | None, typer.Option("--max-steps", help="Most steps a plan may have (default 12).")
+    int | None, typer.Option("--max-steps", help="Most steps a plan may have (default: no limit).")
 ]
 MaxReasksOption = Annotated[
     int | None,
@@ -110,6 +110,50 @@ OutputModeOption = Annotated[
         help="tagged (<think>/<answer>, the released checkpoints) or structured (JSON schema).",
     ),
 ]
+PromptsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--prompts",
+        envvar="INTERLEAVE_PROMPTS",
+        help="Prompt pack: interleave (ours), official (fetched with `interleave prompts "
+        "fetch-official`), official:PATH (your clone of the official repository) or auto "
+        "(default: official for InterleaveThinker checkpoints when fetched).",
+    ),
+]
+PaperOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--paper",
+        help="The paper's loop: official prompts, its models, 3 tries with the last kept "
+        "unjudged, UEval seeds (see README, Reproducing the paper).",
+    ),
+]
+SeedSchemeOption = Annotated[
+    str | None,
+    typer.Option("--seed-scheme", help="hash (default), ueval or demo: how call seeds are derived."),
+]
+TemperatureOption = Annotated[
+    float | None,
+    typer.Option("--temperature", help="Planner/critic sampling temperature (default: the model's own)."),
+]
+TopPOption = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling (default: the model's).")]
+TopKOption = Annotated[int | None, typer.Option("--top-k", help="Top-k sampling (default: the model's).")]
+DoSampleOption = Annotated[
+    bool | None,
+    typer.Option("--do-sample/--greedy", help="Sample or decode greedily (default: the model's own)."),
+]
+MaxNewTokensOption = Annotated[
+    int | None,
+    typer.Option("--max-new-tokens", help="Reply length limit (default 2048; 4096 with official prompts)."),
+]
+EngineOption = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="In-process planner/critic engine: transformers (default, portable) or vllm "
+        "(batches concurrent requests; recommended on a GPU; needs the vllm extra).",
+    ),
+]
 TraceFileOption = Annotated[
     Path | None,
     typer.Option("--trace-file", help="Write the run tree as JSON lines (no LangSmith needed)."),
@@ -119,11 +163,13 @@ ThreadOption = Annotated[str | None, typer.Option("--thread", help="Thread id to
 # The model settings' fields each model flag sets (profile is passed apart from the settings).
 MODEL_SETTINGS_FLAGS = (
     "planner", "critic", "generator", "planner_url", "critic_url", "generator_url", "device",
-    "generator_timeout", "model_timeout",
+    "generator_timeout", "model_timeout", "temperature", "top_p", "top_k", "do_sample",
+    "max_new_tokens", "engine",
 )
 # The run options each run flag sets (size sets width and height).
 RUN_OPTION_FLAGS = (
     "output_mode", "max_steps", "max_reasks", "max_attempts", "max_calls", "seed", "selection",
+    "seed_scheme",
 )
 
 
@@ -156,13 +202,35 @@ class RunFlags:
     max_steps: MaxStepsOption = None
     max_reasks: MaxReasksOption = None
     output_mode: OutputModeOption = None
+    prompt_pack: PromptsOption = None
+    paper: PaperOption = None
+    seed_scheme: SeedSchemeOption = None
+    temperature: TemperatureOption = None
+    top_p: TopPOption = None
+    top_k: TopKOption = None
+    do_sample: DoSampleOption = None
+    max_new_tokens: MaxNewTokensOption = None
+    engine: EngineOption = None
     trace_file: TraceFileOption = None
 
     def model_settings(self) -> ModelSettings:
         """The settings file (--config), the environment and the model flags given."""
         return load_model_settings(
-            self.config, **{name: getattr(self, name) for name in MODEL_SETTINGS_FLAGS}
+            self.config,
+            paper=self.paper or None,
+            prompts=self.prompt_pack,
+            **{name: getattr(self, name) for name in MODEL_SETTINGS_FLAGS},
         )
+
+    def run_options(self) -> RunOptions:
+        """The run options of a new thread: the paper's loop when --paper (or ``paper = true``
+        in the settings) is set, then every run flag given."""
+        paper = self.paper or self.model_settings().paper
+        return RunOptions(paper=paper).with_changes(**self.option_changes())
+
+    def resume_changes(self) -> dict[str, Any]:
+        """What a resume compares against the thread's options (--paper included)."""
+        return self.option_changes() | ({"paper": True} if self.paper else {})
 
     def option_changes(self) -> dict[str, Any]:
         """The run options the flags change, for ``RunOptions.with_changes`` (None: not given)."""

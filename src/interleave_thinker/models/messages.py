@@ -58,7 +58,9 @@ def _inline_block(block: Any, store: ImageStore) -> Any:
     file_id = block.get("file_id")
     if not (isinstance(file_id, str) and file_id.startswith(REF_PREFIX)):
         return block
-    return image_data_block(store, store.find(file_id.removeprefix(REF_PREFIX)))
+    inlined = image_data_block(store, store.find(file_id.removeprefix(REF_PREFIX)))
+    # Layout hints the prompt pack set (max_pixels) travel with the bytes.
+    return inlined | {key: value for key, value in block.items() if key == "max_pixels"}
 
 
 class ImageInliningChatModel(BaseChatModel):

@@ -11,11 +11,14 @@ from langchain_core.language_models import BaseChatModel
 from interleave_thinker.context import Backends
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.generators.base import ImageGenerator
+from interleave_thinker.prompts.packs import PromptPack
 from interleave_thinker.settings import ModelSettings
 
 ProfileFactory = Callable[[ModelSettings], Backends]
 
 DEFAULT_PROFILE = "default"
+# Reply length of in-process planner and critic when neither the user nor the prompt pack sets it.
+DEFAULT_MAX_NEW_TOKENS = 2048
 
 _PROFILES: dict[str, ProfileFactory] = {}
 
@@ -66,13 +69,18 @@ def _chat_model(name: str, url: str | None, settings: ModelSettings) -> BaseChat
             from interleave_thinker.models.served import served_chat_model
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise _missing_extra("openai", exc) from exc
+        # Only what the user set is sent: the server applies the model's own defaults.
         return served_chat_model(
             name,
             base_url=url,
             timeout=settings.request_timeout,
-            temperature=settings.temperature,
+            temperature=0.0 if settings.do_sample is False else settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
             max_tokens=settings.max_new_tokens,
         )
+    if settings.engine == "vllm":
+        return _vllm_chat_model(name, settings)
     try:
         from interleave_thinker.models.transformers_chat import TransformersChatModel
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -81,8 +89,35 @@ def _chat_model(name: str, url: str | None, settings: ModelSettings) -> BaseChat
         model_name=name,
         device=settings.device,
         dtype=settings.dtype,
-        max_new_tokens=settings.max_new_tokens,
+        max_new_tokens=settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        do_sample=settings.do_sample,
+    )
+
+
+def _vllm_chat_model(name: str, settings: ModelSettings) -> BaseChatModel:
+    """The planner or critic on an in-process vLLM engine; one engine when both name the same
+    weights, else the GPU share ``vllm_gpu_memory`` is split between the two."""
+    from interleave_thinker.models.vllm_engine import VLLMChatModel, require_vllm
+
+    require_vllm()
+    in_process = {
+        model
+        for model, url in ((settings.planner, settings.planner_url), (settings.critic, settings.critic_url))
+        if not url and not _is_provider_string(model)
+    }
+    return VLLMChatModel(
+        model_name=name,
+        dtype=settings.dtype,
+        max_new_tokens=settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        do_sample=settings.do_sample,
+        gpu_memory_utilization=round(settings.vllm_gpu_memory / max(1, len(in_process)), 4),
+        max_model_len=settings.vllm_max_model_len,
     )
 
 
@@ -150,3 +185,23 @@ register_profile(
     "built offline; the real code paths ran, but the pictures are noise and the planner and "
     "critic print fixed replies",
 )
+
+
+def with_prompt_pack(backends: Backends, pack: PromptPack, *, fit_length: bool) -> Backends:
+    """``backends`` fitted to a prompt pack: stand-ins read its layout and, with ``fit_length``
+    (models built from settings that leave max_new_tokens unset), in-process models get the
+    pack's reply length."""
+    def fitted(model: BaseChatModel) -> BaseChatModel:
+        update: dict[str, object] = {}
+        if "prompts" in type(model).model_fields:
+            update["prompts"] = pack
+        if fit_length and "max_new_tokens" in type(model).model_fields and (
+            getattr(model, "max_new_tokens", None) == DEFAULT_MAX_NEW_TOKENS
+        ):
+            update["max_new_tokens"] = pack.default_max_new_tokens
+        return model.model_copy(update=update) if update else model
+
+    planner = fitted(backends.planner)
+    # One model object for both roles stays one object.
+    critic = planner if backends.critic is backends.planner else fitted(backends.critic)
+    return Backends(planner=planner, critic=critic, generator=backends.generator)

@@ -37,7 +37,9 @@ def served_chat_model(
     api_key: str | None = None,
     timeout: float = 300.0,
     max_retries: int = 6,
-    temperature: float = 0.0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
     max_tokens: int | None = None,
     extra_body: dict[str, Any] | None = None,
     http_client: Any = None,
@@ -61,6 +63,9 @@ def served_chat_model(
     """
     if max_retries < 0:
         raise ConfigurationError(f"max_retries must be 0 or more, not {max_retries}")
+    if top_k is not None:
+        # Not an OpenAI parameter: vLLM reads it from the request body.
+        extra_body = {**(extra_body or {}), "top_k": top_k}
     if timeout <= 0:
         raise ConfigurationError(f"timeout must be positive, not {timeout}")
     provider, _, name = model.partition(":")
@@ -71,6 +76,7 @@ def served_chat_model(
             timeout=timeout,
             max_retries=max_retries,
             temperature=temperature,
+            top_p=top_p,
             max_tokens=max_tokens,
             extra_body=extra_body,
             http_client=http_client,
@@ -96,6 +102,7 @@ def served_chat_model(
         timeout=timeout,
         max_retries=max_retries,
         temperature=temperature,
+        top_p=top_p,
         max_tokens=max_tokens,
         extra_body=extra_body,
         http_client=_checked_sync_client(http_client),

@@ -14,8 +14,9 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
+from pydantic import ConfigDict
 
-from interleave_thinker.prompts.templates import prompts_from_messages, request_from_messages
+from interleave_thinker.prompts.packs import InterleavePack, PromptPack
 
 # The test planner never writes more steps than this, whatever the request's length.
 MAX_TEST_STEPS = 6
@@ -24,7 +25,19 @@ _PART_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
 
 
 class _RuleBasedChatModel(BaseChatModel):
-    """A chat model whose reply is a pure function of the messages."""
+    """A chat model whose reply is a pure function of the messages.
+
+    ``prompts`` is the pack whose messages it reads (ours unless set): a stand-in has no
+    language skills, it finds the request and prompts by the pack's layout.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    prompts: PromptPack | None = None
+
+    @property
+    def pack(self) -> PromptPack:
+        return self.prompts or InterleavePack()
 
     def _reply(self, messages: Sequence[BaseMessage]) -> str:
         raise NotImplementedError
@@ -68,9 +81,9 @@ class StandInPlannerModel(_RuleBasedChatModel):
         return "interleave-test-planner"
 
     def _reply(self, messages: Sequence[BaseMessage]) -> str:
-        request = request_from_messages(messages)
+        request = self.pack.request_from_messages(messages)
         if request is None:
-            raise ValueError("test planner: no <request> block in the messages")
+            raise ValueError(f"test planner: no request in the messages ({self.pack.name} layout)")
         # In guidance mode the user's images are steps 1..N, so the plan continues at N+1.
         first_number = _image_block_count(messages) + 1
         steps: list[dict[str, Any]] = []
@@ -117,9 +130,11 @@ class StandInCriticModel(_RuleBasedChatModel):
         return "interleave-test-critic"
 
     def _reply(self, messages: Sequence[BaseMessage]) -> str:
-        prompts = prompts_from_messages(messages)
+        prompts = self.pack.prompts_from_messages(messages)
         if prompts is None:
-            raise ValueError("test critic: no planned/used prompt markers in the messages")
+            raise ValueError(
+                f"test critic: no planned/used prompts in the messages ({self.pack.name} layout)"
+            )
         images = _image_block_count(messages)
         if images != 2:
             raise ValueError(f"test critic: expected the previous and candidate image, got {images}")

@@ -60,9 +60,13 @@ class TransformersChatModel(BaseChatModel):
     dtype: str = "auto"
     """'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16', 'float16' or 'float32' (see ``devices``)."""
     max_new_tokens: int = Field(default=2048, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0)
-    """0 decodes greedily; above 0 samples."""
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Decoding knobs left None keep the checkpoint's generation_config.json, as it shipped.
+    temperature: float | None = Field(default=None, ge=0.0)
+    """0 decodes greedily; above 0 samples; None keeps the checkpoint's setting."""
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    do_sample: bool | None = None
+    """False decodes greedily, True samples; None keeps the checkpoint's setting."""
     seed: int | None = None
     """Seeds sampling, so that a sampled reply can be reproduced on the same hardware."""
 
@@ -79,6 +83,8 @@ class TransformersChatModel(BaseChatModel):
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "top_k": self.top_k,
+            "do_sample": self.do_sample,
             "seed": self.seed,
         }
 
@@ -207,11 +213,12 @@ class TransformersChatModel(BaseChatModel):
         if config.pad_token_id is None:
             pad = loaded.tokenizer.pad_token_id
             config.pad_token_id = pad if pad is not None else next(iter(loaded.stop_token_ids), None)
-        if self.temperature > 0:
-            config.do_sample = True
-            config.temperature = self.temperature
-            config.top_p = self.top_p
-        else:
+        # Only what was set overrides the checkpoint's own choices.
+        for name in ("temperature", "top_p", "top_k", "do_sample"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(config, name, value)
+        if self.temperature == 0 or self.do_sample is False or not config.do_sample:
             # Greedy: sampling knobs left set would only produce warnings.
             config.do_sample = False
             config.temperature = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -19,7 +20,7 @@ from interleave_thinker.errors import (
     ModelTimeoutError,
     TransientModelError,
 )
-from interleave_thinker.nodes.retrying import bounded, is_transient
+from interleave_thinker.nodes.retrying import bounded, is_transient, transient_cause
 from interleave_thinker.prompts.parsing import OutputParseError
 from interleave_thinker.prompts.templates import reask_message
 from interleave_thinker.state import OutputMode
@@ -75,6 +76,7 @@ async def ask_until_parsed(
     *,
     what: Literal["plan", "verdict"],
     max_reasks: int,
+    reask: Callable[..., BaseMessage | None] = reask_message,
     where: str,
     config: RunnableConfig | None = None,
     identity: str = "the model",
@@ -83,6 +85,9 @@ async def ask_until_parsed(
 ) -> tuple[T, str]:
     """Return (parsed value, raw reply text); after ``max_reasks`` failed re-asks raise.
 
+    ``reask(error, what=...)`` gives the message that asks again after an unreadable reply (the
+    prompt pack's), or None to sample again from the same input.
+
     Each reply may take ``timeout`` seconds; a slower one raises ModelTimeoutError and a lost
     connection TransientModelError, both retried by the graph. ``tries`` ("try 2 of 4") and
     ``identity`` go into those messages.
@@ -90,9 +95,9 @@ async def ask_until_parsed(
     history = list(messages)
     error: OutputParseError | None = None
     for _ in range(max_reasks + 1):
-        reply = await _reply(model, history, config, where, identity, timeout, tries)
-        text = _reply_text(reply)
+        text = ""
         try:
+            text = _reply_text(await _reply(model, history, config, where, identity, timeout, tries))
             if len(text) < _PARSE_IN_THREAD_CHARS:
                 return parse(text), text
             # Parsing is linear but a megabyte takes about a second: off the event loop, which
@@ -100,13 +105,43 @@ async def ask_until_parsed(
             return await asyncio.to_thread(parse, text), text
         except OutputParseError as exc:
             error = exc
-            # Show the model its own reply and what was wrong with it, then ask again.
-            history = [*history, AIMessage(echoed(text)), reask_message(str(exc), what=what)]
+            if isinstance(exc, CutReply):
+                text = exc.text
+            complaint = reask(str(exc), what=what)
+            if complaint is not None:
+                # Show the model its own reply and what was wrong with it, then ask again.
+                history = [*history, AIMessage(echoed(text)), complaint]
+            # Otherwise (a pack whose models were trained on one turn) sample again from the
+            # same input, as the official scripts do.
+    if isinstance(error, CutReply):
+        hint = (
+            "the replies stopped at the token limit: raise max_new_tokens "
+            "(INTERLEAVE_MAX_NEW_TOKENS, or the server's limit), then `interleave resume THREAD`"
+        )
+    else:
+        hint = (
+            "check that the model prints <think>...</think><answer>{...}</answer>; "
+            "raise --max-reasks or use a stronger model"
+        )
     raise ModelOutputError(
-        f"{where}: the {what} could not be read after {max_reasks + 1} tries: {error}",
-        hint="check that the model prints <think>...</think><answer>{...}</answer>; "
-        "raise --max-reasks or use a stronger model",
+        f"{where}: the {what} could not be read after {max_reasks + 1} tries: {error}", hint=hint
     )
+
+
+class CutReply(OutputParseError):
+    """A reply the server stopped at its token limit before the answer was complete.
+
+    Unreadable like any reply that does not parse, so it is re-asked (showing the model the
+    part it wrote), not reported as a failed call.
+    """
+
+    def __init__(self, text: str, tokens: int | None) -> None:
+        length = f" ({tokens:,} tokens)" if tokens else ""
+        super().__init__(
+            f"the reply stopped at the token limit{length} before the answer was complete: "
+            "give a shorter answer"
+        )
+        self.text = text
 
 
 async def _reply(
@@ -131,30 +166,58 @@ async def _reply(
         return await bounded(model.ainvoke(history, config=config), timeout, too_slow)
     except InterleaveError:
         raise
-    except OutputParserException as exc:
+    except Exception as exc:
+        cut = _cut_reply(exc)
+        if cut is None:
+            raise _call_error(exc, where, identity, label) from exc
+        raise cut from exc
+
+
+def _call_error(exc: Exception, where: str, identity: str, label: str) -> Exception:
+    """The error to raise for a failed model call: one line with a hint that fits the cause."""
+    if isinstance(exc, OutputParserException):
         # The model's own output check failed (an in-process JSON reply cut off by its token
         # limit): asking again would hit the same limit, so stop with the model's message.
-        raise ModelOutputError(
+        return ModelOutputError(
             f"{where}: {identity}: {' '.join(str(exc).split())[:500]}",
             hint="see the message; raise max_new_tokens or use tagged output",
-        ) from exc
-    except Exception as exc:
-        if not is_transient(exc):
-            # A refused key, an unknown model name, a request too long for the server: say which
-            # call failed and how, in one line (the original stays chained for debugging).
-            raise ModelCallError(
-                f"{where}: {identity} failed{label}: "
-                f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
-                hint="check the model's URL, name and API key (or the model itself), "
-                "then `interleave resume THREAD`",
-            ) from exc
-        # Still transient (the graph retries it), but named: the last try's error is what the
-        # user reads.
-        raise TransientModelError(
-            f"{where}: {identity} could not be reached{label}: "
+        )
+    if not is_transient(exc):
+        # A refused key, an unknown model name, a request too long for the server: say which
+        # call failed and how, in one line (the original stays chained for debugging).
+        return ModelCallError(
+            f"{where}: {identity} failed{label}: "
             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
-            hint="check that the model's server is up, then `interleave resume THREAD`",
-        ) from exc
+            hint="check the model's URL, name and API key (or the model itself), "
+            "then `interleave resume THREAD`",
+        )
+    # Still transient (the graph retries it, and the openai SDK retried it first), but named:
+    # the last try's error is what the user reads.
+    cause = transient_cause(exc)
+    return TransientModelError(
+        f"{where}: {identity} {cause}{label}: "
+        f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+        hint=f"the model's server {cause} on every try; once it answers again, continue with "
+        "`interleave resume THREAD` (finished steps are kept)",
+    )
+
+
+def _cut_reply(exc: Exception) -> CutReply | None:
+    """A structured reply the openai SDK refused as cut at the token limit, as an unreadable reply."""
+    # The SDK stays optional: one of its errors means it is imported already.
+    openai = sys.modules.get("openai")
+    length_error = getattr(openai, "LengthFinishReasonError", None) if openai is not None else None
+    if not (isinstance(length_error, type) and isinstance(exc, length_error)):
+        return None
+    completion = getattr(exc, "completion", None)
+    choices = getattr(completion, "choices", None) or []
+    message = getattr(choices[0], "message", None) if choices else None
+    content = getattr(message, "content", None)
+    usage = getattr(completion, "usage", None)
+    tokens = getattr(usage, "completion_tokens", None)
+    return CutReply(
+        content if isinstance(content, str) else "", tokens if isinstance(tokens, int) else None
+    )
 
 
 def _reply_text(reply: Any) -> str:

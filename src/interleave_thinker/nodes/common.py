@@ -40,7 +40,7 @@ def position(plan: Plan, number: int) -> dict[str, int]:
     return {"step": number, "index": numbers.index(number) + 1, "total": len(numbers)}
 
 
-def adopt_plan(runtime: Runtime[Any], plan: Plan) -> dict[str, Any]:
+def adopt_plan(runtime: Runtime[Any], plan: Plan, *, notes: tuple[str, ...] = ()) -> dict[str, Any]:
     """The state update that starts ``plan``, announced on the progress stream."""
     progress = tuple(
         StepProgress(
@@ -51,7 +51,7 @@ def adopt_plan(runtime: Runtime[Any], plan: Plan) -> dict[str, Any]:
         )
         for step in plan.steps
     )
-    emit(runtime, PlanReady(steps=[step.model_dump(mode="json") for step in plan.steps]))
+    emit(runtime, PlanReady(steps=[step.model_dump(mode="json") for step in plan.steps], notes=list(notes)))
     for item in progress:
         if item.finished:
             emit_committed(runtime, plan, item)

@@ -11,6 +11,7 @@ from langchain_core.messages import BaseMessage
 from langgraph.runtime import Runtime
 
 from interleave_thinker.context import Context, model_identity
+from interleave_thinker.errors import ModelOutputError
 from interleave_thinker.events import Verdict
 from interleave_thinker.models.messages import ImageInliningChatModel, image_block
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
@@ -19,7 +20,6 @@ from interleave_thinker.nodes.retrying import is_transient, try_label
 from interleave_thinker.nodes.scheduling import finish_out_of_budget, source_images
 from interleave_thinker.prompts.parsing import parse_verdict
 from interleave_thinker.prompts.schemas import VerdictAnswer
-from interleave_thinker.prompts.templates import critic_messages
 from interleave_thinker.state import Attempt, Budget, Critique, StepProgress, TrajectoryState
 from interleave_thinker.storage.image_store import blank_canvas
 from interleave_thinker.storage.verdicts import VerdictLedger, verdict_key
@@ -181,7 +181,7 @@ async def _question(
     previous = sources[0] if sources else await asyncio.to_thread(
         blank_canvas, runtime.context.image_store, attempt.image.width, attempt.image.height
     )
-    messages = critic_messages(
+    messages = runtime.context.prompts.critic_messages(
         step_name=step.name,
         instruction=step.instruction,
         planned_prompt=step.prompt or "",
@@ -220,24 +220,31 @@ async def _ask_critic(
         VerdictAnswer,
         "verdict",
     )
-    critique, _ = await ask_until_parsed(
-        model,
-        messages,
-        parse_verdict,
-        what="verdict",
-        max_reasks=options.max_reasks,
-        where=f"thread {thread_of(runtime)}, step {item.number}, attempt {attempt.number}",
-        identity=f"critic {model_identity(critic)}",
-        timeout=runtime.context.timeouts.model,
-        tries=try_label(runtime),
-        config={
-            "run_name": "critic",
-            "tags": ["critic"],
-            "metadata": {
-                "thread_id": thread_of(runtime),
-                "step": item.number,
-                "attempt": attempt.number,
+    try:
+        critique, _ = await ask_until_parsed(
+            model,
+            messages,
+            parse_verdict,
+            what="verdict",
+            reask=runtime.context.prompts.reask_message,
+            max_reasks=options.max_reasks,
+            where=f"thread {thread_of(runtime)}, step {item.number}, attempt {attempt.number}",
+            identity=f"critic {model_identity(critic)}",
+            timeout=runtime.context.timeouts.model,
+            tries=try_label(runtime),
+            config={
+                "run_name": "critic",
+                "tags": ["critic"],
+                "metadata": {
+                    "thread_id": thread_of(runtime),
+                    "step": item.number,
+                    "attempt": attempt.number,
+                },
             },
-        },
-    )
+        )
+    except ModelOutputError as error:
+        if options.unreadable_verdict != "reject":
+            raise
+        # The official script's reading: a critic that never answers readably has not accepted.
+        return Critique(success=False, reasoning=f"no readable verdict: {error}")
     return critique

@@ -25,8 +25,8 @@ from interleave_thinker.generators.base import GenerationJob, ImageGenerator
 from interleave_thinker.nodes.common import emit, position, thread_of
 from interleave_thinker.nodes.retrying import bounded, is_transient, try_label
 from interleave_thinker.nodes.scheduling import (
+    attempt_seed,
     calls_left,
-    derive_seed,
     progress_by_step,
     ready_steps,
     source_images,
@@ -115,7 +115,9 @@ def _planned_call(
     """The request for the next attempt of ``step``: its prompt, seed, sources and ledger key."""
     options = state["settings"].options
     attempt = len(item.attempts) + 1
-    seed = derive_seed(options.seed, step.number, attempt if options.reseed_retries else 1)
+    plan = state["plan"]
+    assert plan is not None
+    seed = attempt_seed(options, plan, step, attempt)
     sources = tuple(source_images(step, state["request"], state["progress"]))
     prompt = item.next_prompt or step.prompt or ""
     key = generation_key(

@@ -11,6 +11,7 @@ from interleave_thinker.state import (
     ImageRef,
     Plan,
     Request,
+    RunOptions,
     SelectionPolicy,
     Step,
     StepProgress,
@@ -27,6 +28,26 @@ def derive_seed(run_seed: int, step: int, attempt: int) -> int:
     """
     digest = hashlib.sha256(f"interleave-seed:{run_seed}:{step}:{attempt}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def attempt_seed(options: RunOptions, plan: Plan, step: Step, attempt: int) -> int:
+    """The seed of ``step``'s attempt ``attempt`` (counted from 1) under the options' scheme.
+
+    ``hash``: :func:`derive_seed` of (run seed, step number, attempt; attempt 1 on every try
+    unless ``reseed_retries``). ``ueval``: run seed + position * 100 + try, the position in the
+    plan counted from 1 and the try from 0, as the official UEval script seeds FLUX.2-klein.
+    ``demo``: run seed + position * 1000 with the position from 0, the same on every try, as the
+    official demo script does. ``reseed_retries`` matters only to ``hash``.
+    """
+    if options.seed_scheme == "ueval":
+        return (options.seed + _position(plan, step) * 100 + attempt - 1) & 0x7FFFFFFF
+    if options.seed_scheme == "demo":
+        return (options.seed + (_position(plan, step) - 1) * 1000) & 0x7FFFFFFF
+    return derive_seed(options.seed, step.number, attempt if options.reseed_retries else 1)
+
+
+def _position(plan: Plan, step: Step) -> int:
+    return next(index for index, planned in enumerate(plan.steps, start=1) if planned.number == step.number)
 
 
 def progress_by_step(progress: Sequence[StepProgress]) -> dict[int, StepProgress]:

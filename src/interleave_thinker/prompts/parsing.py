@@ -31,6 +31,7 @@ _NULLISH = {"", "none", "null", "n/a"}
 _TRUE_WORDS = {"true", "yes"}
 _FALSE_WORDS = {"false", "no"}
 _DIGITS = re.compile(r"[0-9]+")
+_SWALLOWED_STEP = re.compile(r"\}\s*,\s*\{\s*['\"]step_number['\"]\s*:")
 _SOURCE = re.compile(r"(step|input)\s*:\s*([0-9]+)", re.IGNORECASE)
 
 
@@ -186,6 +187,12 @@ def _text_field(item: Mapping, key: str, label: str) -> str | None:
         raise OutputParseError(
             f"{label}: '{key}' is {len(value):,} characters long; at most {MAX_FIELD_CHARS:,} "
             "are allowed"
+        )
+    if _SWALLOWED_STEP.search(value):
+        # A quote the model left open made this string run on over the next steps (the
+        # official code refuses the same glitch).
+        raise OutputParseError(
+            f"{label}: '{key}' runs on into the next step's fields (an unescaped quote)"
         )
     return well_formed(value.strip())
 

@@ -13,6 +13,8 @@ from interleave_thinker.state import Request
 # ``{max_steps}`` is filled in by planner_messages; str.format is avoided because the
 # prompts show dicts whose braces it would misread.
 _MAX_STEPS_SLOT = "{max_steps}"
+# Left out when no step limit is set: the cap is opt-in.
+_MAX_STEPS_LINE = "- Write at most {max_steps} steps.\n"
 
 _PLAN_FORMAT = """\
 How to reply:
@@ -121,20 +123,25 @@ _PROMPT_MARKERS = re.compile(
 _REASK_LIMIT = 500
 
 
-def planner_prompt(mode: Literal["narrative", "guidance"], *, max_steps: int) -> str:
-    """The planner system prompt for a mode, with the step limit filled in."""
+def planner_prompt(mode: Literal["narrative", "guidance"], *, max_steps: int | None) -> str:
+    """The planner system prompt for a mode, with the step limit filled in (or left out)."""
     template = PLANNER_GUIDANCE_PROMPT if mode == "guidance" else PLANNER_NARRATIVE_PROMPT
+    if max_steps is None:
+        return template.replace(_MAX_STEPS_LINE, "")
     return template.replace(_MAX_STEPS_SLOT, str(max_steps))
 
 
 def planner_messages(
-    request: Request, image_blocks: Sequence[dict], *, max_steps: int
+    request: Request | str, image_blocks: Sequence[dict], *, max_steps: int | None
 ) -> list[BaseMessage]:
-    """System prompt for the request's mode, then the user's images and the marked request."""
+    """System prompt for the mode (guidance when there are images), then the user's images and
+    the marked request."""
+    text = request.text if isinstance(request, Request) else request
+    mode: Literal["narrative", "guidance"] = "guidance" if image_blocks else "narrative"
     content: list[str | dict] = [dict(block) for block in image_blocks]
-    content.append({"type": "text", "text": f"<request>\n{request.text}\n</request>"})
+    content.append({"type": "text", "text": f"<request>\n{text}\n</request>"})
     return [
-        SystemMessage(content=planner_prompt(request.mode, max_steps=max_steps)),
+        SystemMessage(content=planner_prompt(mode, max_steps=max_steps)),
         HumanMessage(content=content),
     ]
 

@@ -13,8 +13,16 @@ _HINT = "pass a file written by 'export --format json'"
 
 
 def document_json(document: Document, *, thread_id: str) -> str:
-    """``{"thread_id": ..., "document": ...}`` as indented JSON ending in a newline."""
-    payload = {"thread_id": thread_id, "document": document.model_dump(mode="json")}
+    """``{"thread_id", "document", "text_answer"}`` as indented JSON ending in a newline.
+
+    ``text_answer`` is the steps' texts joined as the official UEval script answers (derived
+    from the document, so reading the file back ignores it).
+    """
+    payload = {
+        "thread_id": thread_id,
+        "document": document.model_dump(mode="json"),
+        "text_answer": document.text_answer,
+    }
     return json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -29,9 +37,12 @@ def load_document_json(text: str) -> tuple[str, Document]:
     except ValueError as exc:
         # Python refuses integers of thousands of digits (a guard against slow conversions).
         raise ConfigurationError(f"the document JSON has an unreadable value: {exc}", hint=_HINT) from exc
-    if not isinstance(payload, dict) or set(payload) != {"thread_id", "document"}:
+    if not isinstance(payload, dict) or not {"thread_id", "document"} <= set(payload) <= {
+        "thread_id", "document", "text_answer"
+    }:
         raise ConfigurationError(
-            "the document JSON must be an object with exactly 'thread_id' and 'document'",
+            "the document JSON must be an object with 'thread_id' and 'document' (and, "
+            "optionally, 'text_answer')",
             hint=_HINT,
         )
     thread_id = payload["thread_id"]
