@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from interleave_thinker.context import model_identity
+from interleave_thinker.context import model_identity, model_label
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.generators.diffusers_backend import DiffusersGenerator
 from interleave_thinker.generators.openai_images import OpenAIImagesGenerator
@@ -28,7 +28,10 @@ def test_urls_select_served_backends_and_names_select_local_ones(tmp_path) -> No
     )
     backends = backends_from_settings(settings)
     assert backends.planner._llm_type == "openai-chat"
-    assert model_identity(backends.planner) == "openai-chat:planner-8b@http://127.0.0.1:9/v1"
+    # Known by name and kind; the address is in its label and in the thread's specs.
+    assert model_identity(backends.planner) == "openai-chat:planner-8b"
+    assert model_label(backends.planner) == "openai-chat:planner-8b@http://127.0.0.1:9/v1"
+    assert backends.specs is not None and backends.specs.planner.base_url == "http://127.0.0.1:9/v1"
     assert isinstance(backends.critic, TransformersChatModel)
     assert isinstance(backends.generator, DiffusersGenerator)
 

@@ -298,7 +298,9 @@ def test_a_served_trajectory_leaves_no_key_anywhere(
         assert code == 0, stderr
         outputs += [stdout, stderr]
     report = json.loads(invoke("show", thread, "--json", *where)[1])
-    assert report["settings"]["planner"].endswith("@" + SERVER)  # the settings are stored
+    # The settings are stored: the planner by name, its address in the specs.
+    assert report["settings"]["planner"] == "openai-chat:planner-model"
+    assert report["settings"]["backends"]["planner"]["base_url"] == SERVER
     for fmt in ("html", "md", "json"):
         code, stdout, stderr = invoke("export", thread, "--format", fmt,
                                       "-o", str(tmp_path / "exports" / f"doc.{fmt}"), *where)
@@ -415,20 +417,24 @@ def test_model_settings_never_hold_a_key(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_credentials_in_a_server_url_are_not_stored() -> None:
-    from interleave_thinker.context import model_identity
+    from interleave_thinker.context import model_label
     from interleave_thinker.generators.openai_images import OpenAIImagesGenerator
+    from interleave_thinker.models.profiles import specs_from_settings
     from interleave_thinker.models.served import served_chat_model
+    from interleave_thinker.settings import ModelSettings
 
     url = f"https://user:{API_KEY}@models.test/v1?api-key={API_KEY}&api-version=2024-06-01"
     chat = served_chat_model("m", base_url=url, api_key="EMPTY")
     images = OpenAIImagesGenerator(model="m", base_url=url)
-    for identity in (model_identity(chat), images.identity):
+    specs = specs_from_settings(
+        ModelSettings(planner="m", planner_url=url, generator="m", generator_url=url)
+    )
+    for identity in (model_label(chat), images.identity, specs.model_dump_json()):
         assert leaks(identity) == []
         assert "models.test/v1" in identity and "api-version=2024-06-01" in identity
     # A URL without credentials keeps its identity exactly: stored threads still match.
     plain = served_chat_model("m", base_url=SERVER, api_key="EMPTY")
-    assert model_identity(plain) == f"openai-chat:m@{SERVER}" or model_identity(plain).endswith(
-        f":m@{SERVER}")
+    assert model_label(plain) == f"openai-chat:m@{SERVER}"
     assert OpenAIImagesGenerator(model="m", base_url=SERVER).identity == f"openai-images:{SERVER}:m"
 
 

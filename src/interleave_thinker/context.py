@@ -11,9 +11,10 @@ from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.generators.base import ImageGenerator
 from interleave_thinker.prompts.packs import InterleavePack, PromptPack
 from interleave_thinker.settings import ModelSettings, redact_url
-from interleave_thinker.storage.image_store import ImageStore
-from interleave_thinker.storage.ledger import GenerationLedger
-from interleave_thinker.storage.verdicts import VerdictLedger
+from interleave_thinker.state import BackendSpecs
+from interleave_thinker.storage.image_store import ImageStorage
+from interleave_thinker.storage.ledger import GenerationRecords
+from interleave_thinker.storage.verdicts import VerdictLedger, VerdictRecords
 
 # Generous enough for a large diffusion model drawing a full batch on one GPU, including the
 # first call's loading of the weights from disk; a hung call is still noticed in minutes.
@@ -29,6 +30,9 @@ class Backends:
     planner: BaseChatModel
     critic: BaseChatModel
     generator: ImageGenerator
+    # How they were built, when built from model settings (models.profiles): what the thread
+    # records so that a resume builds them again; None for stand-ins and your own objects.
+    specs: BackendSpecs | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,15 @@ class Context:
     """
 
     backends: Backends
-    image_store: ImageStore
-    ledger: GenerationLedger
+    image_store: ImageStorage
+    ledger: GenerationRecords
     timeouts: Timeouts = Timeouts()
-    verdicts: VerdictLedger | None = None
+    verdicts: VerdictRecords | None = None
     # The wording and message layout the planner and critic get (the thread records its identity).
     prompts: PromptPack = field(default_factory=InterleavePack)
+    # The profile the backends were built from (make_context sets it, make_input records it in
+    # the thread's settings); None: the caller's own backends.
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         if self.verdicts is None:
@@ -90,10 +97,26 @@ class Context:
 
 
 def model_identity(model: BaseChatModel) -> str:
-    """A stable name for a chat model: its type and, when it has one, its model name."""
+    """A stable name for a chat model: its type and, when it has one, its model name.
+
+    What a thread stores and a resume compares: a served model is known by its name and kind,
+    not by its server's address, so that a thread can move to another address (``localhost``
+    for ``127.0.0.1``, a new port, another replica). The address is in the thread's
+    ``BackendSpecs`` and in :func:`model_label`.
+    """
     name = getattr(model, "model_name", None) or getattr(model, "model", None)
-    identity = f"{model._llm_type}:{name}" if isinstance(name, str) and name else model._llm_type
-    # The same model name on two servers may be two different models.
+    return f"{model._llm_type}:{name}" if isinstance(name, str) and name else model._llm_type
+
+
+def model_address(model: BaseChatModel) -> str | None:
+    """The server a served chat model talks to, credentials shown as ``***``; None in process."""
     base_url = getattr(model, "openai_api_base", None)
-    # Stored in the thread and shown in reports: a key written into the URL stays out.
-    return f"{identity}@{redact_url(base_url)}" if isinstance(base_url, str) and base_url else identity
+    return redact_url(base_url) if isinstance(base_url, str) and base_url else None
+
+
+def model_label(model: BaseChatModel) -> str:
+    """:func:`model_identity` with the server's address (``openai-chat:NAME@URL``), for messages
+    that should say which server failed; never a key."""
+    identity = model_identity(model)
+    address = model_address(model)
+    return f"{identity}@{address}" if address else identity

@@ -9,6 +9,8 @@ from typing import Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from interleave_thinker.settings import redact_url
+
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 # Media types the image store accepts, with the file suffix each is stored under.
@@ -346,6 +348,90 @@ class RunOptions(_Record):
         return RunOptions.model_validate(data)
 
 
+# How a backend was built: in this process (transformers, vllm, diffusers), over HTTP (served: an
+# OpenAI-compatible chat server such as vLLM; openai-images: an Images API), by LangChain's
+# init_chat_model (provider: "provider:name" without a URL), the test profile's stand-ins, or a
+# caller's own objects (custom, which cannot be built again by name).
+BackendKind = Literal[
+    "transformers", "vllm", "served", "provider", "diffusers", "openai-images", "stand-in", "custom"
+]
+
+
+class BackendSpec(_Record):
+    """How one backend was built, so that a resume can build it again. Never holds a key.
+
+    ``model`` is the name it was built with (hub id, folder, ``provider:name``; for stand-ins and
+    custom backends their identity). ``base_url`` is the server's address, any credentials in it
+    shown as ``***`` (a resume must then be given the address again). The address is not part of
+    what a resume compares: the same model at another address is the same model.
+    """
+
+    kind: BackendKind
+    model: str = ""
+    base_url: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _without_credentials(cls, value: str | None) -> str | None:
+        return None if value is None else redact_url(value)
+
+
+class BuildSettings(_Record):
+    """The model settings the backends were built with that change replies or pixels, named as
+    in ``ModelSettings``; None leaves each to the model's or server's own default."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int | None = None
+    do_sample: bool | None = None
+    generator_pipeline: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+
+
+class BackendSpecs(_Record):
+    """How a thread's planner, critic and generator were built (see ``models.profiles``)."""
+
+    planner: BackendSpec
+    critic: BackendSpec
+    generator: BackendSpec
+    # None: not recorded (stand-ins and custom backends are not built from model settings).
+    build: BuildSettings | None = None
+
+
+# A server address at the end of a chat model's identity ("openai-chat:NAME@http://host/v1"), as
+# threads before BackendSpec stored it.
+_CHAT_ADDRESS = re.compile(r"@[A-Za-z][A-Za-z0-9+.-]*://.*\Z", re.DOTALL)
+_IMAGES_PREFIX = "openai-images:"
+_OPENAI_IMAGES_HOST = "api.openai.com:"
+
+
+def identity_without_address(identity: str) -> str:
+    """A backend identity with any server address left out, as a resume compares identities.
+
+    Threads before BackendSpec stored served models with their address: ``openai-chat:NAME@URL``
+    and ``openai-images:URL:NAME``; both become the address-free form (``openai-chat:NAME``,
+    ``openai-images:NAME``), so that such a thread resumes at another address of the same server.
+    """
+    if identity.startswith(_IMAGES_PREFIX):
+        rest = identity.removeprefix(_IMAGES_PREFIX)
+        # The server's own settings follow the name in parentheses: ' ({"steps": 8})'.
+        head, space, tail = rest.partition(" (")
+        if head.startswith(_OPENAI_IMAGES_HOST):
+            head = head.removeprefix(_OPENAI_IMAGES_HOST)
+        elif "://" in head:
+            head = head.rpartition(":")[2]
+        return f"{_IMAGES_PREFIX}{head}{space}{tail}"
+    return _CHAT_ADDRESS.sub("", identity)
+
+
+# The fingerprint's names of the settings that hold backend identities.
+_IDENTITY_SETTINGS = ("planner", "critic", "generator")
+
+
 class RunSettings(_Record):
     """Everything that changes a run's results; a thread keeps them and refuses others."""
 
@@ -356,11 +442,21 @@ class RunSettings(_Record):
     # The prompt pack's identity: "interleave", or "official:<digest of the templates>".
     prompts: str = "interleave"
     options: RunOptions = RunOptions()
+    # How to build the backends again (kinds, names, addresses): what a resume without model
+    # settings uses. Not compared: a thread may move to another address of the same model. None
+    # in threads from before it was recorded (a resume then reads the identities above).
+    backends: BackendSpecs | None = None
 
     def fingerprint(self, request: Request) -> dict[str, str]:
-        """A flat name -> value map of the request digest and every setting, for comparison."""
+        """A flat name -> value map of the request digest and every setting, for comparison.
+
+        Backend identities are compared without server addresses, and ``backends`` not at all.
+        """
         flat: dict[str, str] = {"request": _digest(request.model_dump(mode="json"))}
-        _flatten(self.model_dump(mode="json"), "", flat)
+        values = self.model_dump(mode="json", exclude={"backends"})
+        for name in _IDENTITY_SETTINGS:
+            values[name] = identity_without_address(values[name])
+        _flatten(values, "", flat)
         return flat
 
 
@@ -451,6 +547,9 @@ STATE_RECORD_TYPES: tuple[type[BaseModel], ...] = (
     StepProgress,
     Budget,
     RunOptions,
+    BackendSpec,
+    BuildSettings,
+    BackendSpecs,
     RunSettings,
     DocumentStep,
     Document,
