@@ -28,7 +28,10 @@ from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.state import (
     STATE_RECORD_TYPES,
     Attempt,
+    BackendSpec,
+    BackendSpecs,
     Budget,
+    BuildSettings,
     Critique,
     Document,
     DocumentStep,
@@ -187,6 +190,10 @@ def one_of_each_record() -> list[BaseModel]:
     options = RunOptions(budget=budget, seed=9, width=64, height=32)
     document_step = DocumentStep(number=1, name="fox", text="A fox.", instruction="draw",
                                  status="accepted", image=REF, attempts=(attempt,))
+    served = BackendSpec(kind="served", model="p", base_url="http://127.0.0.1:8000/v1")
+    build = BuildSettings(temperature=0.5, steps=4)
+    specs = BackendSpecs(planner=served, critic=served, generator=BackendSpec(kind="diffusers", model="g"),
+                         build=build)
     return [
         REF,
         request,
@@ -198,6 +205,10 @@ def one_of_each_record() -> list[BaseModel]:
         budget,
         options,
         RunSettings(profile="test", planner="p", critic="c", generator="g", options=options),
+        served,
+        build,
+        specs,
+        RunSettings(profile="default", planner="p", critic="c", generator="g", backends=specs),
         document_step,
         Document(request=request, steps=(document_step,), profile="test", generator_calls=2),
     ]

@@ -101,6 +101,11 @@ class ModelSettings(BaseSettings):
     vllm_gpu_memory: float = Field(
         default=0.6, gt=0, le=0.95, description="GPU memory share of the vLLM engines together."
     )
+    # Where images, the generation ledger and the verdicts live (not a model setting, but read
+    # from the same file and INTERLEAVE_IMAGE_STORE): file:// (the run directory) or postgresql://.
+    image_store: str | None = Field(
+        default=None, description="Image store URL: file:// (default), file:///PATH or postgresql://..."
+    )
     vllm_max_model_len: int | None = Field(
         default=16384, ge=256,
         description="Prompt plus reply tokens per vLLM request (None: the checkpoint's, 256k for "

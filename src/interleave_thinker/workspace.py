@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import secrets
@@ -25,50 +27,73 @@ from interleave_thinker.render.html import render_html
 from interleave_thinker.settings import redact_url
 from interleave_thinker.state import Document, ImageRef, TrajectoryState
 from interleave_thinker.storage.atomic import STAGING_DIR, sweep_abandoned_writes, write_atomically
-from interleave_thinker.storage.image_store import MAX_IMAGE_BYTES, ImageStore
-from interleave_thinker.storage.ledger import GenerationLedger
-from interleave_thinker.storage.verdicts import VerdictLedger
+from interleave_thinker.storage.image_store import MAX_IMAGE_BYTES, ImageStorage
+from interleave_thinker.storage.ledger import GenerationRecords
+from interleave_thinker.storage.stores import (
+    DEFAULT_IMAGE_STORE,
+    IMAGE_STORE_ENV,
+    Stores,
+    check_image_store_url,
+    image_folder,
+    open_stores,
+)
 
 RUN_DIR_ENV = "INTERLEAVE_RUN_DIR"
 DEFAULT_RUN_DIR = "interleave-runs"
 THREAD_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# What to do when a command that only reads finds no run directory (or no checkpoints in it).
+MISSING_RUN_DIR_HINT = (
+    "pass the --run-dir (or $INTERLEAVE_RUN_DIR) and --checkpointer the runs used; `interleave "
+    "run` creates a run directory, list, show, export and gc never do"
+)
 # SQLite keeps its write-ahead log and shared memory beside the database.
 _SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 @dataclass(frozen=True)
 class Workspace:
-    """A run directory: image store, generation ledger, documents and (by default) checkpoints."""
+    """A run directory: documents and (by default) checkpoints, images, generation ledger and
+    verdicts; ``image_store_url`` may put the last three in PostgreSQL (see storage/stores.py)."""
 
     run_dir: Path
     checkpointer_url: str
+    image_store_url: str = DEFAULT_IMAGE_STORE
 
     @classmethod
     def open(
-        cls, run_dir: str | os.PathLike[str] | None = None, checkpointer: str | None = None
+        cls,
+        run_dir: str | os.PathLike[str] | None = None,
+        checkpointer: str | None = None,
+        image_store: str | None = None,
     ) -> Workspace:
+        """The run directory ``run_dir`` (else $INTERLEAVE_RUN_DIR, else ./interleave-runs), its
+        checkpointer and its image store (else $INTERLEAVE_IMAGE_STORE, else ``file://``)."""
         chosen = Path(run_dir or os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
         if chosen.exists() and not chosen.is_dir():
             raise ConfigurationError(
                 f"run directory {chosen} exists and is not a directory",
                 hint="pass --run-dir with a directory path",
             )
-        return cls(chosen, checkpointer or default_checkpointer_url(chosen))
+        store = check_image_store_url(image_store or os.environ.get(IMAGE_STORE_ENV) or DEFAULT_IMAGE_STORE)
+        return cls(chosen, checkpointer or default_checkpointer_url(chosen), store)
+
+    def stores(self) -> Stores:
+        """The image store and the two ledgers (nothing is opened until first used)."""
+        return open_stores(self.image_store_url, self.run_dir)
 
     @property
-    def image_store(self) -> ImageStore:
-        return ImageStore(self.run_dir / "images")
+    def image_store(self) -> ImageStorage:
+        return self.stores().images
 
     @property
-    def ledger(self) -> GenerationLedger:
-        return GenerationLedger(self.run_dir / "generations", self.image_store)
+    def ledger(self) -> GenerationRecords:
+        return self.stores().ledger
 
     def context(
         self, backends: Backends, timeouts: Timeouts | None = None, *, prompts: PromptPack | None = None
     ) -> Context:
-        store = self.image_store
-        ledger = GenerationLedger(self.run_dir / "generations", store)
-        verdicts = VerdictLedger(self.run_dir / "verdicts")
+        stores = self.stores()
+        store, ledger, verdicts = stores.images, stores.ledger, stores.verdicts
         # Writes a killed run left half-done are cleared before new ones start.
         store.sweep_abandoned_writes()
         ledger.sweep_abandoned_writes()
@@ -116,6 +141,9 @@ class Workspace:
         """What an export must never replace or write into: the checkpoint database and its
         companion files, the image store, the generation ledger and the verdict records."""
         protected = [self.run_dir / "images", self.run_dir / "generations", self.run_dir / "verdicts"]
+        folder = image_folder(self.image_store_url, self.run_dir)
+        if folder is not None and folder not in protected:
+            protected.append(folder)
         if self.checkpointer_url.startswith("sqlite:///"):
             database = sqlite_path(self.checkpointer_url)
             protected += [database, *(database.with_name(database.name + s) for s in _SQLITE_COMPANIONS)]
@@ -140,6 +168,28 @@ class Workspace:
             )
         check_state(thread_id, snapshot.values)
         return snapshot.values
+
+    def missing_checkpoints(self) -> str | None:
+        """Why a command that only reads (list, show, export, gc) finds no thread here, said
+        before anything is opened (opening a SQLite checkpointer creates its folder and file):
+        "there is no run directory at X" or "there is no checkpoint database at FILE". None
+        when the database exists, or lives elsewhere (memory://, PostgreSQL)."""
+        if not self.checkpointer_url.startswith("sqlite:///"):
+            return None
+        database = sqlite_path(self.checkpointer_url)
+        if database.exists():
+            return None
+        if not self.run_dir.exists():
+            return f"there is no run directory at {self.run_dir}"
+        return f"there is no checkpoint database at {database}"
+
+    def refuse_missing_thread(self, thread_id: str) -> None:
+        """UnknownThreadError naming what is missing (see ``missing_checkpoints``), creating nothing."""
+        missing = self.missing_checkpoints()
+        if missing is not None:
+            raise UnknownThreadError(
+                f"no thread {validate_thread_id(thread_id)!r}: {missing}", hint=MISSING_RUN_DIR_HINT
+            )
 
 
 def thread_config(thread_id: str) -> dict[str, Any]:
@@ -180,7 +230,7 @@ def new_thread_id() -> str:
     return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def store_input_images(store: ImageStore, paths: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
+def store_input_images(store: ImageStorage, paths: Sequence[str | os.PathLike[str]]) -> list[ImageRef]:
     """Store the user's input images as the models will see them (8-bit RGB, upright, opaque:
     see ``normalise_input``), refusing anything that is not a readable still PNG, JPEG or WebP."""
     refs = []
@@ -197,3 +247,104 @@ def store_input_images(store: ImageStore, paths: Sequence[str | os.PathLike[str]
         refs.append(store.put_input(data, what=f"input image {shown_path(path)}"))
     return refs
 
+
+# An input image as the Python API and the tools take it: a file path, a ``sha256:HEX`` reference
+# of an image in the store (the bare 64 hex digits too, unless a file has that name), a
+# ``data:image/...;base64,...`` URL, or an ``ImageRef`` of a stored image.
+InputImage = str | os.PathLike[str] | ImageRef
+
+# Lower case only, as the store names images: anything else is not taken for a hash.
+_HASH_REFERENCE = re.compile(r"^(sha256:)?([0-9a-f]{64})$")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_DATA_URL_HEAD = re.compile(r"^data:([^,]*),", re.IGNORECASE)
+_INPUT_IMAGE_HINT = (
+    "pass a PNG, JPEG or WebP file path, a sha256:HEX reference of a stored image or a "
+    "data:image/...;base64,... URL"
+)
+
+
+def resolve_input_images(
+    store: ImageStorage, images: Sequence[InputImage], *, what: str = "input image"
+) -> list[ImageRef]:
+    """The references of ``images`` (see :data:`InputImage`), each stored as the models will see
+    it (see ``normalise_input``); ImageError names the one that cannot be used and why."""
+    return [resolve_input_image(store, image, what=what)[0] for image in images]
+
+
+def resolve_input_image(
+    store: ImageStorage, image: InputImage, *, what: str = "input image", normalise: bool = True
+) -> tuple[ImageRef, str]:
+    """One input image stored, and how it was given in words safe to show (a path, a short hash,
+    "a data URL of N bytes": never the payload).
+
+    ``normalise=False`` keeps an image named by its hash as stored (an edit's source) instead of
+    storing its 8-bit RGB form; paths and data URLs are always stored normalised.
+    """
+    if isinstance(image, ImageRef):
+        if not store.contains(image):
+            raise ImageError(f"{what} {image.short} is not in {store.location}", hint=_INPUT_IMAGE_HINT)
+        return _stored(store, image, what, normalise), f"sha256:{image.short}"
+    if isinstance(image, str):
+        reference = _HASH_REFERENCE.fullmatch(image)
+        # Bare hex names a file of that name first; with the prefix it is always a hash.
+        if reference and (reference.group(1) or not os.path.lexists(image)):
+            try:
+                found = store.find(reference.group(2))
+            except ImageError as exc:
+                raise ImageError(f"{what}: {exc.message}", hint=exc.hint) from exc
+            return _stored(store, found, what, normalise), f"sha256:{found.short}"
+        if _DATA_URL_HEAD.match(image):
+            data = _data_url_bytes(image, what)
+            shown = f"a data URL of {len(data)} bytes"
+            return store.put_input(data, what=f"{what} ({shown})"), shown
+    elif not isinstance(image, os.PathLike):
+        raise ImageError(
+            f"{what} is a {type(image).__name__}, not a path, an image reference or a data URL",
+            hint=_INPUT_IMAGE_HINT,
+        )
+    shown = shown_path(image)
+    if not os.path.lexists(image):
+        raise ImageError(
+            f"{what} {shown} does not exist, and is not an image hash or a data URL",
+            hint=_INPUT_IMAGE_HINT,
+        )
+    try:
+        # Read bounded and without blocking, as store_input_images does.
+        data = read_user_file(
+            image, what=what, max_bytes=MAX_IMAGE_BYTES, error=ImageError, hint=_INPUT_IMAGE_HINT
+        )
+        return store.put_input(data, what=f"{what} {shown}"), shown
+    except ImageError as exc:
+        # Text that names no image file (a mistyped hash that happens to be a path) says so.
+        if isinstance(image, str) and not image.lower().endswith(_IMAGE_SUFFIXES):
+            raise ImageError(
+                f"{exc.message}; it is not an image hash or a data URL either", hint=exc.hint
+            ) from exc
+        raise
+
+
+def _stored(store: ImageStorage, ref: ImageRef, what: str, normalise: bool) -> ImageRef:
+    # An image the generator drew may carry transparency: as an input it is made 8-bit RGB like
+    # any other (the same bytes, and so the same reference, when it already is).
+    if not normalise:
+        return ref
+    return store.put_input(store.read(ref), what=f"{what} sha256:{ref.short}")
+
+
+def _data_url_bytes(url: str, what: str) -> bytes:
+    """The bytes of a base64 data URL; refused when it is not base64 or is over the size limit."""
+    head, _, payload = url.partition(",")
+    if not head.lower().endswith(";base64"):
+        raise ImageError(f"{what} is a data URL without base64 encoding", hint=_INPUT_IMAGE_HINT)
+    payload = "".join(payload.split())
+    if len(payload) > (MAX_IMAGE_BYTES + 2) // 3 * 4:
+        raise ImageError(
+            f"{what} is a data URL over the {MAX_IMAGE_BYTES:,} byte limit",
+            hint="resize or recompress the image",
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(
+            f"{what} is a data URL whose payload is not valid base64", hint=_INPUT_IMAGE_HINT
+        ) from exc

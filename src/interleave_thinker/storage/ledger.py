@@ -7,12 +7,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from interleave_thinker.state import ImageRef
 from interleave_thinker.storage.atomic import STAGING_DIR, sweep_abandoned_writes, write_atomically
-from interleave_thinker.storage.image_store import ImageStore
+from interleave_thinker.storage.image_store import ImageStorage
 
 
 def generation_key(**fields: object) -> str:
@@ -48,6 +49,17 @@ def is_generation_key(name: str) -> bool:
     return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
+class GenerationRecords(Protocol):
+    """What the generator node needs of a generation ledger (files: :class:`GenerationLedger`;
+    PostgreSQL: ``storage.postgres_images.PostgresGenerationLedger``). Blocking calls."""
+
+    def lookup(self, key: str) -> ImageRef | None: ...
+
+    def record(self, key: str, ref: ImageRef, *, thread_id: str | None = None) -> None: ...
+
+    def sweep_abandoned_writes(self) -> list[Path]: ...
+
+
 class GenerationLedger:
     """Maps a generation key to the image it produced; written as soon as the image is stored.
 
@@ -55,7 +67,7 @@ class GenerationLedger:
     after some images of a batch were drawn would draw them again on resume.
     """
 
-    def __init__(self, root: str | os.PathLike[str], store: ImageStore) -> None:
+    def __init__(self, root: str | os.PathLike[str], store: ImageStorage) -> None:
         self.root = Path(root)
         self.store = store
         self.staging = self.root / STAGING_DIR
@@ -80,12 +92,8 @@ class GenerationLedger:
         # touched before it is checked: if gc took it away in between, it is drawn again.
         with contextlib.suppress(OSError):
             os.utime(path)
-        try:
-            os.utime(self.store.path_for(ref))
-        except FileNotFoundError:
+        if not self.store.touch(ref):
             return None
-        except OSError:
-            pass
         # A record whose image was lost or damaged is as good as none: draw it again.
         return ref if self.store.contains(ref) else None
 

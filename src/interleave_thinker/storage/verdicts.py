@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -12,7 +13,14 @@ from interleave_thinker.state import Critique
 from interleave_thinker.storage.atomic import STAGING_DIR, sweep_abandoned_writes, write_atomically
 from interleave_thinker.storage.ledger import generation_key, is_generation_key
 
-__all__ = ["VerdictLedger", "VerdictRecord", "is_verdict_key", "parse_verdict_record", "verdict_key"]
+__all__ = [
+    "VerdictLedger",
+    "VerdictRecord",
+    "VerdictRecords",
+    "is_verdict_key",
+    "parse_verdict_record",
+    "verdict_key",
+]
 
 
 def verdict_key(**fields: object) -> str:
@@ -50,6 +58,26 @@ def parse_verdict_record(data: bytes) -> VerdictRecord:
         return VerdictRecord.model_validate_json(data)
     except ValidationError as exc:
         raise ValueError(str(exc)) from exc
+
+
+class VerdictRecords(Protocol):
+    """What the critic node needs of a verdict ledger (files: :class:`VerdictLedger`; PostgreSQL:
+    ``storage.postgres_images.PostgresVerdictLedger``). Blocking calls."""
+
+    def lookup(self, key: str) -> VerdictRecord | None: ...
+
+    def record(
+        self,
+        key: str,
+        critique: Critique,
+        *,
+        seconds: float = 0.0,
+        thread_id: str | None = None,
+        step: int | None = None,
+        attempt: int | None = None,
+    ) -> None: ...
+
+    def sweep_abandoned_writes(self) -> list[Path]: ...
 
 
 class VerdictLedger:
