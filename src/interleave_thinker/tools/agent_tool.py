@@ -9,7 +9,6 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
@@ -19,16 +18,17 @@ from langgraph.config import get_stream_writer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from interleave_thinker.context import Backends
+from interleave_thinker.errors import ImageError
 from interleave_thinker.events import ProgressEvent
 from interleave_thinker.models.profiles import PROFILE_NOTES
-from interleave_thinker.runner import EventHandler, RunResult, arun
+from interleave_thinker.runner import EventHandler, RunResult, arun, chosen_image_store
 from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import (
     Document,
     ImageRef,
     RunOptions,
 )
-from interleave_thinker.workspace import new_thread_id
+from interleave_thinker.workspace import Workspace, new_thread_id, resolve_input_image
 
 TOOL_NAME = "interleave_document"
 
@@ -47,7 +47,8 @@ class InterleaveInput(BaseModel):
     )
     images: list[str] | None = Field(
         default=None,
-        description="Optional paths of input images to build on (guidance mode).",
+        description="Optional input images to build on (guidance mode): file paths, "
+        "'sha256:HEX' references of images from earlier calls, or data:image/...;base64 URLs.",
     )
 
 
@@ -97,8 +98,13 @@ def image_reference(ref: ImageRef) -> str:
 
 
 def document_as_text(document: Document, *, thread_id: str | None = None,
-                     document_path: str | os.PathLike[str] | None = None) -> str:
-    """The document as plain text for a language model: never image bytes, only references."""
+                     document_path: str | os.PathLike[str] | None = None,
+                     image_sources: list[str] | None = None) -> str:
+    """The document as plain text for a language model: never image bytes, only references.
+
+    ``image_sources`` say how each input image was given (a path, a short hash, "a data URL of
+    N bytes"), so that the caller can tell which of its images were used.
+    """
     request = document.request
     lines = [f"Interleaved document for the request: {request.text}"]
     facts = [f"{len(document.steps)} steps", f"{document.generator_calls} generator calls"]
@@ -110,6 +116,9 @@ def document_as_text(document: Document, *, thread_id: str | None = None,
         lines.append(f"Note: {PROFILE_NOTES[document.profile]}")
     for number, ref in enumerate(request.images, start=1):
         lines.append(f"Input image {number}: {image_reference(ref)}")
+    if image_sources:
+        given = "; ".join(f"{number}. {source}" for number, source in enumerate(image_sources, 1))
+        lines.append(f"Input images as given: {given}")
     for step in document.steps:
         heading = f"Step {step.number}: {step.name}" if step.name else f"Step {step.number}"
         if step.status in ("forced", "skipped"):
@@ -134,8 +143,9 @@ class InterleaveTool(BaseTool):
     name: str = TOOL_NAME
     description: str = (
         "Create an interleaved document of text and images (a visual story, a step-by-step "
-        "guide, a sequence of edits) from a request, optionally building on input image paths. "
-        "Returns each step's text and a reference to its image (sha256 and size)."
+        "guide, a sequence of edits) from a request, optionally building on input images (file "
+        "paths, sha256 references of earlier images, or data URLs). Returns each step's text "
+        "and a reference to its image (sha256 and size)."
     )
     args_schema: type[BaseModel] = InterleaveInput
     response_format: str = "content_and_artifact"
@@ -147,6 +157,9 @@ class InterleaveTool(BaseTool):
     options: RunOptions | None = None
     run_dir: str | None = None
     checkpointer: str | None = None
+    # A RunnableConfig (tags, metadata, run_name, callbacks, ...) for every pipeline run of this
+    # tool, merged with the thread's own and with the calling run's callbacks (see run_config).
+    config: dict[str, Any] | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
     def _check_backends(self) -> InterleaveTool:
@@ -177,37 +190,32 @@ class InterleaveTool(BaseTool):
         caller = var_child_runnable_config.get()
         # Sync callers get the async path on a private loop, which also works inside a loop.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            result = pool.submit(
+            result, sources = pool.submit(
                 asyncio.run, self._generate(request, images, thread_id, caller)
             ).result()
-        return self._reply(result)
+        return self._reply(result, sources)
 
     async def _arun(self, request: str, images: list[str] | None = None, **_: Any
                     ) -> tuple[str, Document]:
         thread_id = thread_id_for_call(_TOOL_CALL_ID.get(), request, images)
         caller = var_child_runnable_config.get()
-        return self._reply(await self._generate(request, images, thread_id, caller))
+        return self._reply(*await self._generate(request, images, thread_id, caller))
 
     async def _generate(self, request: str, images: list[str] | None, thread_id: str,
-                        caller: RunnableConfig | None) -> RunResult:
-        for path in images or ():
-            # A wrong path is the calling model's mistake: it gets a message it can act on
-            # (handle_tool_error) instead of an exception that ends its run.
-            if not Path(path).is_file():
-                raise ToolException(f"input image {path} does not exist or is not a file")
+                        caller: RunnableConfig | None) -> tuple[RunResult, list[str]]:
+        refs, sources = await asyncio.to_thread(self._input_images, images or [])
         on_event = _forward_to_caller(caller, self.name, thread_id)
         # Of the caller's config only the callbacks carry over (the pipeline's runs nest under
-        # the tool's run in traces); its recursion limit, thread and checkpoint namespace
-        # describe the caller's graph, and a long trajectory would trip the caller's limit.
-        token = var_child_runnable_config.set(
-            {"callbacks": caller.get("callbacks")} if caller else None
-        )
+        # the tool's run in traces, with the caller's tags and metadata); its recursion limit,
+        # thread and checkpoint namespace describe the caller's graph, and a long trajectory
+        # would trip the caller's limit. The tool's own ``config`` is merged with the thread's.
+        token = var_child_runnable_config.set(None)
         try:
             # Other failures propagate: the caller's run stops and, resumed from its
             # checkpoint, re-runs this same tool call, which continues the same thread.
-            return await arun(
+            result = await arun(
                 request,
-                images=images or (),
+                images=refs,
                 profile=self.profile,
                 backends=self.backends,
                 model_settings=self.model_settings,
@@ -216,14 +224,38 @@ class InterleaveTool(BaseTool):
                 run_dir=self.run_dir,
                 checkpointer=self.checkpointer,
                 on_event=on_event,
+                callbacks=caller.get("callbacks") if caller else None,
+                config=self.config,  # type: ignore[arg-type]
             )
         finally:
             var_child_runnable_config.reset(token)
+        return result, sources
+
+    def _input_images(self, images: list[str]) -> tuple[list[ImageRef], list[str]]:
+        """The images stored in the run's image store, and how each was given."""
+        workspace = Workspace.open(
+            self.run_dir, self.checkpointer, chosen_image_store(None, self.model_settings)
+        )
+        store = workspace.image_store
+        refs, sources = [], []
+        for number, image in enumerate(images, start=1):
+            try:
+                ref, source = resolve_input_image(store, image, what=f"input image {number}")
+            except ImageError as exc:
+                # The calling model's mistake: it gets a message it can act on
+                # (handle_tool_error) instead of an exception that ends its run.
+                raise ToolException(
+                    exc.message + (f" ({exc.hint})" if exc.hint else "")
+                ) from exc
+            refs.append(ref)
+            sources.append(source)
+        return refs, sources
 
     @staticmethod
-    def _reply(result: RunResult) -> tuple[str, Document]:
+    def _reply(result: RunResult, sources: list[str] | None = None) -> tuple[str, Document]:
         text = document_as_text(
-            result.document, thread_id=result.thread_id, document_path=result.document_path
+            result.document, thread_id=result.thread_id, document_path=result.document_path,
+            image_sources=sources,
         )
         return text, result.document
 
@@ -238,8 +270,15 @@ def create_interleave_tool(
     checkpointer: str | None = None,
     name: str = TOOL_NAME,
     description: str | None = None,
+    config: RunnableConfig | None = None,
 ) -> InterleaveTool:
-    """An :class:`InterleaveTool` for an agent; give ``backends`` or a ``profile`` name."""
+    """An :class:`InterleaveTool` for an agent; give ``backends`` or a ``profile`` name.
+
+    ``config`` (tags, metadata, run_name, callbacks, max_concurrency, recursion_limit) applies
+    to every pipeline run of the tool, merged with the thread's own config (its thread id
+    stays) and with the calling run's callbacks; a call's own ``RunnableConfig`` (given to
+    ``invoke``) reaches the pipeline's runs through those callbacks.
+    """
     extra = {"description": description} if description else {}
     return InterleaveTool(
         name=name,
@@ -249,5 +288,6 @@ def create_interleave_tool(
         options=options,
         run_dir=None if run_dir is None else os.fspath(run_dir),
         checkpointer=checkpointer,
+        config=dict(config) if config else None,
         **extra,
     )

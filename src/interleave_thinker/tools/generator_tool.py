@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from interleave_thinker.errors import GeneratorError
 from interleave_thinker.generators.base import GenerationJob, ImageGenerator
 from interleave_thinker.state import ImageRef
-from interleave_thinker.storage.image_store import ImageStore, encode_png
+from interleave_thinker.storage.image_store import ImageStorage, encode_png
+from interleave_thinker.workspace import resolve_input_image
 
 
 class GenerateImageInput(BaseModel):
@@ -24,7 +25,8 @@ class GenerateImageInput(BaseModel):
     height: int = Field(default=1024, ge=16, le=8192, description="Image height in pixels.")
     source_images: list[str] = Field(
         default_factory=list,
-        description="sha256 hashes of earlier images to edit (the first) or use as references.",
+        description="Images to edit (the first) or use as references: sha256 hashes of earlier "
+        "images ('sha256:HEX' or the bare hex), file paths, or data:image/...;base64 URLs.",
     )
 
 
@@ -35,8 +37,8 @@ class GenerateImageTool(BaseTool):
 
     name: str = "generate_image"
     description: str = (
-        "Draw an image from a text prompt, or edit earlier images named by their sha256. "
-        "Returns the new image's sha256 and size."
+        "Draw an image from a text prompt, or edit earlier images (named by their sha256, a "
+        "file path or a data URL). Returns the new image's sha256 and size, and the sources used."
     )
     args_schema: type[BaseModel] = GenerateImageInput
     response_format: str = "content_and_artifact"
@@ -57,9 +59,17 @@ class GenerateImageTool(BaseTool):
         source_images: list[str] | None = None,
         **_: Any,
     ) -> tuple[str, ImageRef]:
-        store: ImageStore = self.image_store
+        store: ImageStorage = self.image_store
         generator: ImageGenerator = self.generator
-        sources = await asyncio.to_thread(lambda: [store.find(sha) for sha in source_images or []])
+        # An image named by its hash is edited as stored; files and data URLs are stored first
+        # (as input images are: 8-bit RGB, upright), so that the reply can name them by hash.
+        resolved = await asyncio.to_thread(
+            lambda: [
+                resolve_input_image(store, source, what=f"source image {number}", normalise=False)
+                for number, source in enumerate(source_images or [], start=1)
+            ]
+        )
+        sources = [ref for ref, _ in resolved]
         job = GenerationJob(
             prompt=prompt,
             seed=seed,
@@ -75,4 +85,11 @@ class GenerateImageTool(BaseTool):
         )
         verb = "Edited" if sources else "Drew"
         content = f"{verb} a {ref.width}x{ref.height} image, sha256 {ref.sha256}."
+        if resolved:
+            used = "; ".join(
+                f"{number}. sha256 {source.sha256}"
+                + ("" if given.startswith("sha256:") else f" (given as {given})")
+                for number, (source, given) in enumerate(resolved, start=1)
+            )
+            content += f" Sources used: {used}."
         return content, ref
