@@ -32,6 +32,7 @@ from interleave_thinker.checkpoints.postgres import parse_url
 from interleave_thinker.cli.options import parse_size
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.events import (
+    BudgetExhausted,
     DocumentReady,
     ImageReady,
     PlanReady,
@@ -326,9 +327,11 @@ def test_large_replies_are_read_in_bounded_time(text: str) -> None:
 # ================================================================================================
 # Progress events (events.py)
 
-_EVENT_NAMES = ["thread", "plan", "generating", "image", "verdict", "committed", "document", "other"]
+_EVENT_NAMES = ["thread", "plan", "generating", "image", "verdict", "committed", "budget", "document",
+                "other"]
 _EVENT_FIELDS = ["event", "thread_id", "resumed", "steps", "step", "index", "total", "attempt",
-                 "prompt", "image", "reused", "success", "status", "extra"]
+                 "prompt", "image", "reused", "repeats", "success", "status", "next_attempt",
+                 "calls", "max_calls", "forced", "skipped", "extra"]
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10)
 CHUNKS = st.one_of(
     SCALARS,
@@ -339,7 +342,7 @@ CHUNKS = st.one_of(
     ),
 )
 EVENT_CLASSES = (ThreadStarted, PlanReady, StepStarted, ImageReady, Verdict, StepCommitted,
-                 DocumentReady)
+                 BudgetExhausted, DocumentReady)
 
 
 @PROPERTY
@@ -363,11 +366,14 @@ EVENTS = st.one_of(
     st.builds(PlanReady, steps=st.lists(_JSONISH, max_size=3)),
     st.builds(StepStarted, step=_INT, index=_INT, total=_INT, attempt=_INT, prompt=_TEXT),
     st.builds(ImageReady, step=_INT, index=_INT, total=_INT, attempt=_INT, image=_TEXT,
-              reused=st.booleans()),
+              reused=st.booleans(), repeats=st.none() | _INT),
     st.builds(Verdict, step=_INT, index=_INT, total=_INT, attempt=_INT,
-              success=st.none() | st.booleans(), status=_TEXT),
+              success=st.none() | st.booleans(), status=_TEXT,
+              next_attempt=st.sampled_from([None, "drawn", "repeated", "none"])),
     st.builds(StepCommitted, step=_INT, index=_INT, total=_INT, status=_TEXT,
               image=st.none() | _TEXT),
+    st.builds(BudgetExhausted, calls=_INT, max_calls=_INT, forced=st.lists(_INT, max_size=3),
+              skipped=st.lists(_INT, max_size=3)),
     st.builds(DocumentReady, steps=_INT),
 )
 

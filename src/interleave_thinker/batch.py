@@ -24,7 +24,7 @@ from interleave_thinker.errors import ConfigurationError, ImageError, Interleave
 from interleave_thinker.generators.coalescing import CoalescingGenerator
 from interleave_thinker.input_files import read_user_file
 from interleave_thinker.prompts.packs import PromptPack
-from interleave_thinker.runner import choose_models, make_settings, run_thread
+from interleave_thinker.runner import choose_models, chosen_image_store, make_settings, run_thread
 from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import Request, RunOptions, request_text_problem
 from interleave_thinker.storage.atomic import write_atomically
@@ -236,12 +236,14 @@ async def arun_batch(
     timeouts: Timeouts | None = None,
     allow_outside_images: bool = False,
     prompts: str | PromptPack | None = None,
+    image_store: str | None = None,
 ) -> BatchReport:
     """Run every prompt of the shard; finished threads are skipped, unfinished ones resumed.
 
     ``timeouts`` bound each call as in ``arun``; a generator call includes the wait for the
     merged batch it joins. A line's ``images`` must stay inside the prompt file's folder
-    unless ``allow_outside_images`` (see :func:`batch_image_paths`).
+    unless ``allow_outside_images`` (see :func:`batch_image_paths`). ``image_store`` as in
+    ``arun``: with ``postgresql://`` the machines of a batch share nothing but the database.
     """
     if concurrency < 1:
         raise ConfigurationError("--concurrency must be at least 1")
@@ -255,7 +257,7 @@ async def arun_batch(
     path = Path(prompt_file)
     lines, bad_lines = read_prompt_file(path)
     mine = [item for item in lines if in_shard(item.prompt.id, shard)]
-    workspace = Workspace.open(run_dir, checkpointer)
+    workspace = Workspace.open(run_dir, checkpointer, chosen_image_store(image_store, model_settings))
     if options is None:
         options = RunOptions(paper=bool(model_settings and model_settings.paper))
     profile_name, backends, pack = choose_models(

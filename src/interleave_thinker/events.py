@@ -43,12 +43,28 @@ class StepStarted(_StepEvent):
 
 
 class ImageReady(_StepEvent):
-    """The image of an attempt is stored (or reused from an earlier, interrupted run)."""
+    """The image of an attempt is stored, reused from an earlier, interrupted run (``reused``),
+    or taken from an earlier attempt of the step whose request this one repeats (``repeats``)."""
 
     event: Literal["image"] = "image"
     attempt: int
     image: str = Field(description="sha256 of the image in the image store.")
-    reused: bool = False
+    reused: bool = Field(
+        default=False,
+        description="Drawn for this very attempt before a restart and found in the generation "
+        "ledger: not drawn again (it was counted as a call when it was drawn).",
+    )
+    repeats: int | None = Field(
+        default=None,
+        description="The earlier attempt of this step with the same prompt and seed: its image "
+        "is reused, nothing is drawn and no generator call is counted.",
+    )
+
+
+# What follows a rejection that leaves the step open: its next attempt is drawn, it repeats
+# an earlier request (same prompt and seed: the image is reused, nothing is drawn), or no
+# generator call is left for it (--max-calls), so it is committed as forced when the run ends.
+NextAttempt = Literal["drawn", "repeated", "none"]
 
 
 class Verdict(_StepEvent):
@@ -58,6 +74,21 @@ class Verdict(_StepEvent):
     attempt: int
     success: bool | None
     status: str
+    # Set when the step stays open (rejected with attempts left); None once it is decided.
+    next_attempt: NextAttempt | None = None
+
+
+class BudgetExhausted(_Event):
+    """The run ends with steps the call budget could not finish (sent before they are committed).
+
+    ``forced`` steps keep an attempt the critic did not accept; ``skipped`` steps have no image.
+    """
+
+    event: Literal["budget"] = "budget"
+    calls: int = Field(description="Generator calls made (backend draws).")
+    max_calls: int
+    forced: list[int] = Field(default=[], description="Step numbers committed as forced.")
+    skipped: list[int] = Field(default=[], description="Step numbers committed as skipped.")
 
 
 class StepCommitted(_StepEvent):
@@ -76,7 +107,14 @@ class DocumentReady(_Event):
 
 
 ProgressEvent = Annotated[
-    ThreadStarted | PlanReady | StepStarted | ImageReady | Verdict | StepCommitted | DocumentReady,
+    ThreadStarted
+    | PlanReady
+    | StepStarted
+    | ImageReady
+    | Verdict
+    | StepCommitted
+    | BudgetExhausted
+    | DocumentReady,
     Field(discriminator="event"),
 ]
 _ADAPTER: TypeAdapter[ProgressEvent] = TypeAdapter(ProgressEvent)
@@ -89,4 +127,4 @@ def parse_event(chunk: dict[str, Any]) -> ProgressEvent | None:
     return _ADAPTER.validate_python(chunk)
 
 
-_EVENT_NAMES = {"thread", "plan", "generating", "image", "verdict", "committed", "document"}
+_EVENT_NAMES = {"thread", "plan", "generating", "image", "verdict", "committed", "budget", "document"}

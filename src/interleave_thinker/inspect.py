@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ from langgraph.types import StateSnapshot
 from interleave_thinker.checkpoints.faults import check_state, storage_faults
 from interleave_thinker.checkpoints.savers import list_thread_ids
 from interleave_thinker.errors import DamagedCheckpointError, UnknownThreadError
+from interleave_thinker.runner import run_blocking
 from interleave_thinker.state import Document, DocumentStep, StepProgress
 from interleave_thinker.workspace import Workspace, thread_config
 
@@ -24,6 +24,7 @@ async def aload_document(
 ) -> Document:
     """The finished document of a thread; refuses a thread that has not finished."""
     workspace = Workspace.open(run_dir, checkpointer)
+    workspace.refuse_missing_thread(thread_id)  # before opening: that would create the run dir
     async with workspace.graph() as graph:
         state = await workspace.existing_state(graph, thread_id)
     document = state.get("document")
@@ -61,8 +62,11 @@ def _status(snapshot: StateSnapshot) -> str:
 async def alist_threads(
     *, run_dir: str | os.PathLike[str] | None = None, checkpointer: str | None = None
 ) -> list[ThreadSummary]:
-    """Every thread in the checkpointer, newest first."""
+    """Every thread in the checkpointer, newest first (none when there is no run directory, which
+    is not created)."""
     workspace = Workspace.open(run_dir, checkpointer)
+    if workspace.missing_checkpoints() is not None:
+        return []
     summaries = []
     async with workspace.graph() as graph:
         assert graph.checkpointer is not None and not isinstance(graph.checkpointer, bool)
@@ -101,6 +105,7 @@ async def athread_report(
 ) -> dict[str, Any]:
     """Everything about a thread as plain JSON data: settings, plan, every attempt, timings."""
     workspace = Workspace.open(run_dir, checkpointer)
+    workspace.refuse_missing_thread(thread_id)
     async with workspace.graph() as graph:
         await workspace.existing_state(graph, thread_id)
         with storage_faults(thread_id, workspace.checkpointer_url):
@@ -160,5 +165,15 @@ def _final_image(item: StepProgress | DocumentStep | None) -> str | None:
 
 
 def load_document(thread_id: str, **kwargs: Any) -> Document:
-    """Blocking form of :func:`aload_document`."""
-    return asyncio.run(aload_document(thread_id, **kwargs))
+    """Blocking form of :func:`aload_document`; also works inside a running event loop."""
+    return run_blocking(aload_document(thread_id, **kwargs))
+
+
+def list_threads(**kwargs: Any) -> list[ThreadSummary]:
+    """Blocking form of :func:`alist_threads`; also works inside a running event loop."""
+    return run_blocking(alist_threads(**kwargs))
+
+
+def thread_report(thread_id: str, **kwargs: Any) -> dict[str, Any]:
+    """Blocking form of :func:`athread_report`; also works inside a running event loop."""
+    return run_blocking(athread_report(thread_id, **kwargs))

@@ -7,7 +7,8 @@ import typer
 from interleave_thinker.cli.evaluation import eval_app
 from interleave_thinker.cli.generation import batch, demo, resume, run
 from interleave_thinker.cli.prompts import prompts_app
-from interleave_thinker.cli.threads import collect_garbage, export, list_threads, show
+from interleave_thinker.cli.threads import collect_garbage, list_threads, show
+from interleave_thinker.cli.training import export_app
 
 app = typer.Typer(
     name="interleave",
@@ -25,7 +26,8 @@ app.command()(demo)
 app.command()(batch)
 app.command("list")(list_threads)
 app.command()(show)
-app.command()(export)
+# `export THREAD` (a document) and `export training KIND` (training data).
+app.add_typer(export_app)
 app.command("gc")(collect_garbage)
 app.add_typer(prompts_app)
 app.add_typer(eval_app)

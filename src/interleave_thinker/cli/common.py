@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import os
+import shlex
+import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import typer
@@ -18,7 +23,7 @@ from interleave_thinker.checkpoints.faults import storage_error
 from interleave_thinker.errors import InterleaveError
 from interleave_thinker.prompts.packs import PromptPackWarning
 from interleave_thinker.render.safe_text import terminal_text
-from interleave_thinker.settings import QUIET_LIBRARIES_ENV
+from interleave_thinker.settings import QUIET_LIBRARIES_ENV, redact_url
 
 
 class _SafeConsole(Console):
@@ -36,15 +41,79 @@ out = _SafeConsole(markup=False, highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _Interruption:
+    """What an interrupted command tells the user to do, and which signal stopped it."""
+
+    hint: str | None = None
+    signal: int = signal.SIGINT
+
+
+def on_interrupt(hint: str | None) -> None:
+    """Set the hint Ctrl-C or SIGTERM prints from now on (e.g. the thread's resume command)."""
+    _Interruption.hint = hint
+
+
+def resume_command(thread_id: str, run_dir: Path | None = None, checkpointer: str | None = None) -> str:
+    """The command that continues ``thread_id``, with the run directory and checkpointer given."""
+    words = ["interleave", "resume", thread_id]
+    if run_dir is not None:
+        words += ["--run-dir", str(run_dir)]
+    command = shlex.join(words)
+    if checkpointer is not None:
+        shown = redact_url(checkpointer)
+        # A URL with a password is not printed: the user has it.
+        command += f" --checkpointer {shlex.quote(shown) if shown == checkpointer else 'URL'}"
+    return command
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM stops a command as Ctrl-C does: what asyncio does with SIGINT (cancel the run,
+    which then unwinds and lets go of its thread), or a KeyboardInterrupt."""
+    _Interruption.signal = signal.SIGTERM
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not _on_sigterm:
+        handler(signal.SIGINT, frame)
+        return
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (a command called from a worker): leave it be
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report_interruption() -> typer.Exit:
+    """The lines an interrupted command prints, and its exit code (128 + the signal)."""
+    how = "stopped by SIGTERM" if _Interruption.signal == signal.SIGTERM else "interrupted (Ctrl-C)"
+    err.print(f"error: {how}; finished work is saved")
+    if _Interruption.hint:
+        err.print("hint: " + _Interruption.hint)
+    return typer.Exit(128 + int(_Interruption.signal))
+
+
 def reports_errors(command: F) -> F:
-    """Turn our errors into one line plus a hint on stderr and exit code 1."""
+    """Turn our errors into one line plus a hint on stderr and exit code 1; Ctrl-C and SIGTERM
+    into the command that continues (see ``on_interrupt``) and exit code 130 or 143."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _Interruption.hint, _Interruption.signal = None, signal.SIGINT
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _sigterm_interrupts():
                 warnings.showwarning = _show_warning
                 return command(*args, **kwargs)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            # A cancelled run reaching the command is an interrupted one (asyncio turns the
+            # first Ctrl-C into a cancellation).
+            raise _report_interruption() from None
         except InterleaveError as exc:
             # Library messages can span lines; ours stay one line each.
             err.print("error: " + " ".join(exc.message.split()))
@@ -62,9 +131,6 @@ def reports_errors(command: F) -> F:
                 raise
             err.print("error: " + " ".join(fault.message.split()))
             err.print("hint: " + " ".join(fault.hint.split()))
-        except KeyboardInterrupt:
-            err.print("error: interrupted; finished steps are saved")
-            err.print("hint: continue with `interleave resume THREAD` (the id printed at start)")
         raise typer.Exit(1)
 
     return wrapper  # type: ignore[return-value]

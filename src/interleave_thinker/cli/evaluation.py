@@ -96,7 +96,7 @@ def run_benchmark(
                 model_settings=flags.model_settings(), options=flags.run_options(),
                 max_batch=max_batch, max_in_flight=max_in_flight or None, run_dir=flags.run_dir,
                 checkpointer=flags.checkpointer, on_progress=progress.update,
-                callbacks=flags.callbacks(),
+                callbacks=flags.callbacks(), image_store=flags.image_store,
             )
         )
     for item, error in report.failed:

@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from interleave_thinker.cli.common import err, out, quiet_libraries, reports_errors
+from interleave_thinker.cli.common import (
+    callbacks,
+    err,
+    on_interrupt,
+    out,
+    quiet_libraries,
+    reports_errors,
+    resume_command,
+)
 from interleave_thinker.cli.options import (
+    MODEL_SETTINGS_FLAGS,
     NO_FLAGS,
     CheckpointerOption,
     RunDirOption,
     RunFlags,
     ThreadOption,
+    TraceFileOption,
     run_flags,
 )
 from interleave_thinker.cli.progress import BatchProgress, Progress, finish
 from interleave_thinker.cli.review import review_answer, review_then_resume
 from interleave_thinker.errors import ReviewRequired
 from interleave_thinker.runner import aresume, arun
+from interleave_thinker.settings import ModelSettings
 from interleave_thinker.state import RunOptions
 
 if TYPE_CHECKING:
@@ -118,12 +130,15 @@ def run(
                 thread_id=thread,
                 run_dir=flags.run_dir,
                 checkpointer=flags.checkpointer,
-                on_event=Progress(),
+                image_store=flags.image_store,
+                on_event=Progress(flags.run_dir, flags.checkpointer),
                 callbacks=flags.callbacks(),
             )
         )
     except ReviewRequired as paused:
-        result = review_then_resume(paused, flags.run_dir, flags.checkpointer, flags.trace_file)
+        result = review_then_resume(
+            paused, flags.run_dir, flags.checkpointer, flags.trace_file, image_store=_image_store(flags)
+        )
         if result is None:
             return
     finish(result)
@@ -141,26 +156,45 @@ def resume(
 ) -> None:
     """Continue a thread from its last checkpoint (settings given must match the thread's)."""
     quiet_libraries()
+    on_interrupt(f"continue with `{resume_command(thread, flags.run_dir, flags.checkpointer)}`")
     changes = flags.resume_changes()
     try:
         result = asyncio.run(
             aresume(
                 thread,
                 profile=flags.profile,
-                model_settings=flags.model_settings(),
+                model_settings=_resume_model_settings(flags),
                 changes=changes,
                 review=review_answer(plan, accept_plan, keep, accept_forced),
                 run_dir=flags.run_dir,
                 checkpointer=flags.checkpointer,
-                on_event=Progress(),
+                image_store=flags.image_store,
+                on_event=Progress(flags.run_dir, flags.checkpointer),
                 callbacks=flags.callbacks(),
             )
         )
     except ReviewRequired as paused:
-        result = review_then_resume(paused, flags.run_dir, flags.checkpointer, flags.trace_file)
+        result = review_then_resume(
+            paused, flags.run_dir, flags.checkpointer, flags.trace_file, image_store=_image_store(flags)
+        )
         if result is None:
             return
     finish(result)
+
+
+def _resume_model_settings(flags: RunFlags) -> ModelSettings:
+    """The model settings of a resume, marked set only where a model flag was given: those
+    replace what the thread recorded (--critic-url moves the critic); INTERLEAVE_* variables and
+    the settings file fill only what it did not record (timeouts, memory shares), so that a
+    changed environment never swaps a thread's models."""
+    settings = flags.model_settings()
+    given = {name for name in MODEL_SETTINGS_FLAGS if getattr(flags, name) is not None}
+    return ModelSettings.model_construct(_fields_set=given, **settings.model_dump())
+
+
+def _image_store(flags: RunFlags) -> str | None:
+    """--image-store (or $INTERLEAVE_IMAGE_STORE), else the settings file's ``image_store``."""
+    return flags.image_store or flags.model_settings().image_store
 
 
 @reports_errors
@@ -168,6 +202,7 @@ def demo(
     run_dir: RunDirOption = None,
     checkpointer: CheckpointerOption = None,
     thread: ThreadOption = None,
+    trace_file: TraceFileOption = None,
 ) -> None:
     """Run the real pipeline offline on tiny models (CPU, under a minute); the pictures are noise."""
     from interleave_thinker.demo.models import DEMO_REQUEST, demo_dir
@@ -183,7 +218,9 @@ def demo(
             thread_id=thread,
             run_dir=run_dir,
             checkpointer=checkpointer,
-            on_event=Progress(),
+            on_event=Progress(run_dir, checkpointer),
+            # --trace-file, and LangSmith (images stripped) when LANGSMITH_TRACING is on.
+            callbacks=callbacks(trace_file),
         )
     )
     finish(result)
@@ -205,6 +242,15 @@ def batch(
             "path or a symbolic link); only for a prompt file you trust.",
         ),
     ] = False,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            help="Submit each prompt as a background run to this agent server (langgraph dev or "
+            "Aegra, e.g. http://127.0.0.1:2026); its workers draw, this command waits and writes "
+            "the pages, manifest and index. --concurrency is then the runs queued at once.",
+        ),
+    ] = None,
     flags: RunFlags = NO_FLAGS,
 ) -> None:
     """Run every prompt of a file as its own thread; rerunning resumes and skips finished ones."""
@@ -212,6 +258,13 @@ def batch(
 
     quiet_libraries()
     options = flags.run_options()
+    on_interrupt(
+        f"rerun the batch (`interleave batch {shlex.quote(str(prompts))}` with the same options): "
+        "finished prompts are skipped and unfinished ones resume where they stopped"
+    )
+    if server is not None:
+        _remote_batch(prompts, server, concurrency, shard, allow_outside_images, options, flags)
+        return
     with BatchProgress() as progress:
         report = asyncio.run(
             arun_batch(
@@ -225,8 +278,52 @@ def batch(
                 max_in_flight=max_in_flight or None,
                 run_dir=flags.run_dir,
                 checkpointer=flags.checkpointer,
+                image_store=flags.image_store,
                 on_progress=progress.update,
                 callbacks=flags.callbacks(),
+                allow_outside_images=allow_outside_images,
+            )
+        )
+    _print_batch_report(report, prompts)
+    if report.failed or report.bad_lines:
+        raise typer.Exit(1)
+
+
+def _remote_batch(
+    prompts: Path,
+    server: str,
+    concurrency: int,
+    shard: str,
+    allow_outside_images: bool,
+    options: RunOptions,
+    flags: RunFlags,
+) -> None:
+    """``batch --server``: the server's queue spreads the prompts over its workers."""
+    from interleave_thinker.errors import ConfigurationError
+    from interleave_thinker.remote_batch import arun_remote_batch
+
+    if shard != "0/1":
+        raise ConfigurationError(
+            "--shard splits a batch between machines without a server; with --server the "
+            "server's queue shares the prompts among all its workers",
+            hint="drop --shard",
+        )
+    if flags.checkpointer is not None:
+        raise ConfigurationError(
+            "--checkpointer has no effect with --server: the server keeps the checkpoints",
+            hint="drop --checkpointer",
+        )
+    with BatchProgress() as progress:
+        report = asyncio.run(
+            arun_remote_batch(
+                prompts,
+                server,
+                profile=flags.profile,
+                options=options,
+                concurrency=concurrency,
+                run_dir=flags.run_dir,
+                image_store=flags.image_store,
+                on_progress=progress.update,
                 allow_outside_images=allow_outside_images,
             )
         )

@@ -31,6 +31,15 @@ CheckpointerOption = Annotated[
         "postgresql://USER:PASSWORD@HOST/DB or memory://.",
     ),
 ]
+ImageStoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--image-store",
+        envvar="INTERLEAVE_IMAGE_STORE",
+        help="Where images, generation ledger and verdicts live: file:// (the run directory, "
+        "default), file:///PATH or postgresql://USER:PASSWORD@HOST/DB (shared by every machine).",
+    ),
+]
 ProfileOption = Annotated[
     str | None,
     typer.Option(
@@ -183,6 +192,7 @@ class RunFlags:
 
     run_dir: RunDirOption = None
     checkpointer: CheckpointerOption = None
+    image_store: ImageStoreOption = None
     profile: ProfileOption = None
     planner: PlannerOption = None
     critic: CriticOption = None

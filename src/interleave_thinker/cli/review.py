@@ -24,7 +24,7 @@ MAX_PLAN_BYTES = 1_000_000
 
 def review_then_resume(
     paused: ReviewRequired, run_dir: Path | None, checkpointer: str | None,
-    trace_file: Path | None,
+    trace_file: Path | None, *, image_store: str | None = None,
 ) -> RunResult | None:
     """Write the plan to a file; with an editor and a terminal, edit it and continue at once.
 
@@ -33,7 +33,7 @@ def review_then_resume(
     if paused.kind == "review_forced":
         _print_forced_review(paused)
         return None
-    workspace = Workspace.open(run_dir, checkpointer)
+    workspace = Workspace.open(run_dir, checkpointer, image_store)
     plan_file = workspace.document_path(paused.thread_id).with_name("plan.json")
     plan_file.parent.mkdir(parents=True, exist_ok=True)
     plan_file.write_text(json.dumps(paused.plan, indent=2, ensure_ascii=False) + "\n")
@@ -51,7 +51,8 @@ def review_then_resume(
             review=read_plan(plan_file),
             run_dir=workspace.run_dir,
             checkpointer=workspace.checkpointer_url,
-            on_event=Progress(),
+            image_store=workspace.image_store_url,
+            on_event=Progress(run_dir, checkpointer),
             callbacks=callbacks(trace_file),
         )
     )

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.table import Table
 
 from interleave_thinker.cli.common import err, out, reports_errors
-from interleave_thinker.cli.options import CheckpointerOption, RunDirOption
+from interleave_thinker.cli.options import CheckpointerOption, ImageStoreOption, RunDirOption
 from interleave_thinker.errors import ConfigurationError
-from interleave_thinker.inspect import alist_threads, aload_document, athread_report
+from interleave_thinker.inspect import ThreadSummary, alist_threads, aload_document, athread_report
 from interleave_thinker.render import export_document
-from interleave_thinker.workspace import Workspace
+from interleave_thinker.workspace import MISSING_RUN_DIR_HINT, Workspace
 
 ThreadArgument = Annotated[str, typer.Argument(help="Thread id.")]
 FormatOption = Annotated[
@@ -52,27 +51,36 @@ def list_threads(
     checkpointer: CheckpointerOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
-    """List the threads of the checkpointer, newest first."""
-    threads = asyncio.run(alist_threads(run_dir=run_dir, checkpointer=checkpointer))
+    """List the threads of the checkpointer, newest first (creates nothing)."""
+    missing = Workspace.open(run_dir, checkpointer).missing_checkpoints()
+    threads = [] if missing else asyncio.run(alist_threads(run_dir=run_dir, checkpointer=checkpointer))
     if as_json:
         for summary in threads:
             out.print(json.dumps(summary.__dict__))
-        return
-    if not threads:
+    if missing:
+        err.print(f"no threads: {missing}")
+        err.print(f"hint: {MISSING_RUN_DIR_HINT}")
+    elif not threads:
         err.print("no threads yet")
-        return
-    table = Table("thread", "status", "steps", "calls", "updated", "request")
+    elif not as_json:
+        _print_threads(threads)
+
+
+def _print_threads(threads: list[ThreadSummary]) -> None:
+    """One line per thread, its whole id first (ids are what show, resume and export take), and
+    its request on the next line, shortened to the terminal's width."""
+    id_width = max(len("thread"), *(len(summary.thread_id) for summary in threads))
+    status_width = max(len("status"), *(len(summary.status) for summary in threads))
+    out.print(f"{'thread':<{id_width}}  {'status':<{status_width}}  steps  calls  updated")
+    room = max(20, out.width - 4)
     for summary in threads:
-        request = summary.request if len(summary.request) <= 60 else summary.request[:59] + "…"
-        table.add_row(
-            summary.thread_id,
-            summary.status,
-            str(summary.steps),
-            str(summary.generator_calls),
-            summary.updated_at[:19],
-            request,
+        updated = summary.updated_at[:16].replace("T", " ")
+        out.print(
+            f"{summary.thread_id:<{id_width}}  {summary.status:<{status_width}}  "
+            f"{summary.steps:>5}  {summary.generator_calls:>5}  {updated}"
         )
-    out.print(table)
+        request = " ".join(summary.request.split())
+        out.print("  " + (request if len(request) <= room else request[: room - 1] + "…"))
 
 
 @reports_errors
@@ -126,12 +134,13 @@ def export(
     output: OutputOption = None,
     run_dir: RunDirOption = None,
     checkpointer: CheckpointerOption = None,
+    image_store: ImageStoreOption = None,
 ) -> None:
     """Write a finished thread's document as HTML, Markdown or JSON; prints its path."""
     fmt = fmt.lower()
     if fmt not in ("html", "md", "json"):
         raise ConfigurationError(f"unknown format {fmt!r}", hint="use html, md or json")
-    workspace = Workspace.open(run_dir, checkpointer)
+    workspace = Workspace.open(run_dir, checkpointer, image_store)
     document = asyncio.run(
         aload_document(thread, run_dir=workspace.run_dir, checkpointer=workspace.checkpointer_url)
     )
@@ -148,6 +157,7 @@ def export(
 def collect_garbage(
     run_dir: RunDirOption = None,
     checkpointer: CheckpointerOption = None,
+    image_store: ImageStoreOption = None,
     delete: DeleteOption = False,
     min_age: MinAgeOption = "1h",
     allow_empty: AllowEmptyOption = False,
@@ -161,6 +171,7 @@ def collect_garbage(
         acollect_garbage(
             run_dir=run_dir,
             checkpointer=checkpointer,
+            image_store=image_store,
             delete=delete,
             min_age_s=parse_duration(min_age),
             allow_empty=allow_empty,

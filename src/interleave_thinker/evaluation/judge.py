@@ -32,7 +32,7 @@ from langchain_core.outputs import ChatResult
 from PIL import Image
 from pydantic import ConfigDict
 
-from interleave_thinker.context import model_identity
+from interleave_thinker.context import model_label
 from interleave_thinker.errors import ConfigurationError, InterleaveError, one_line
 from interleave_thinker.storage.atomic import write_atomically
 from interleave_thinker.storage.image_store import inspect_image
@@ -272,7 +272,8 @@ class Judge:
         if concurrency < 1:
             raise ConfigurationError("--judge-concurrency must be at least 1")
         self.model = model
-        self.identity = identity or model_identity(model)
+        # With the server's address: judge caches and scores name the judge that answered.
+        self.identity = identity or model_label(model)
         self.attempts = attempts
         self.timeout = timeout
         self.retry_delay = RETRY_DELAY_S if retry_delay is None else retry_delay

@@ -195,7 +195,9 @@ async def arun_benchmark(
             item = by_prompt[key]
             failed.append((item.id, bad.error))
             write_json(record_path(out, item.id), {"id": item.id, "status": "failed", "error": bad.error})
-    workspace = Workspace.open(run_dir, checkpointer)
+    # The store the batch used: its ``image_store`` option, else the settings', else the environment.
+    image_store = batch_options.get("image_store") or (model_settings.image_store if model_settings else None)
+    workspace = Workspace.open(run_dir, checkpointer, image_store)
     store = workspace.image_store
     done = 0
     async with workspace.graph() as graph:

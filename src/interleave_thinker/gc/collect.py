@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.gc.postgres import database_cutoff, remove_rows, scan_rows
 from interleave_thinker.gc.references import read_checkpoints
 from interleave_thinker.gc.report import GarbageCollectionRefused, GcFile, GcReport
 from interleave_thinker.settings import redact_url
@@ -24,6 +25,7 @@ from interleave_thinker.storage.atomic import (
     temp_file_prefix,
 )
 from interleave_thinker.storage.ledger import is_generation_key, parse_record
+from interleave_thinker.storage.stores import image_folder, is_postgres_store
 from interleave_thinker.storage.verdicts import is_verdict_key, parse_verdict_record
 from interleave_thinker.workspace import Workspace
 
@@ -40,14 +42,17 @@ _IMAGE_NAME = re.compile(
 
 
 def collect_garbage(**kwargs: Any) -> GcReport:
-    """Blocking form of :func:`acollect_garbage`."""
-    return asyncio.run(acollect_garbage(**kwargs))
+    """Blocking form of :func:`acollect_garbage`; also works inside a running event loop."""
+    from interleave_thinker.runner import run_blocking
+
+    return run_blocking(acollect_garbage(**kwargs))
 
 
 async def acollect_garbage(
     *,
     run_dir: str | os.PathLike[str] | None = None,
     checkpointer: str | None = None,
+    image_store: str | None = None,
     delete: bool = False,
     min_age_s: float = DEFAULT_MIN_AGE_S,
     allow_empty: bool = False,
@@ -60,10 +65,15 @@ async def acollect_garbage(
     its thread is gone. Nothing younger than ``min_age_s`` is removed. Abandoned temp files
     of killed writes are removed too. Refuses (removing nothing) when the checkpointer cannot
     be read, or references none of the images, unless ``allow_empty``.
+
+    ``image_store`` (else $INTERLEAVE_IMAGE_STORE, else the run directory) names the store to
+    collect: with ``postgresql://`` its three tables (images, generation ledger, verdicts).
     """
     if min_age_s < 0:
         raise ConfigurationError(f"the minimum age must not be negative, not {min_age_s}")
-    workspace = Workspace.open(run_dir, checkpointer)
+    workspace = Workspace.open(run_dir, checkpointer, image_store)
+    if is_postgres_store(workspace.image_store_url):
+        return await _collect_postgres(workspace, delete, min_age_s, allow_empty)
     if not workspace.run_dir.is_dir():
         raise ConfigurationError(
             f"run directory {workspace.run_dir} does not exist",
@@ -75,10 +85,30 @@ async def acollect_garbage(
     # one written before it is named by a checkpoint already written, or by a ledger record.
     cutoff = time.time() - min_age_s
     threads, referenced = await read_checkpoints(workspace.checkpointer_url, shown, report)
-    await asyncio.to_thread(_scan, workspace.run_dir, threads, referenced, cutoff, report)
+    images = image_folder(workspace.image_store_url, workspace.run_dir)
+    await asyncio.to_thread(_scan, workspace.run_dir, threads, referenced, cutoff, report, images)
     _refuse_if_suspicious(report, threads, allow_empty)
     if delete:
-        await asyncio.to_thread(_remove, workspace.run_dir, cutoff, report)
+        await asyncio.to_thread(_remove, workspace.run_dir, cutoff, report, images)
+    return report
+
+
+async def _collect_postgres(
+    workspace: Workspace, delete: bool, min_age_s: float, allow_empty: bool
+) -> GcReport:
+    """gc of a PostgreSQL image store: its rows, sorted and removed as files are (gc/postgres.py)."""
+    from interleave_thinker.storage.postgres_images import postgres_database
+
+    database = postgres_database(workspace.image_store_url)
+    shown = redact_url(workspace.checkpointer_url)
+    report = GcReport(workspace.run_dir, shown, delete, min_age_s, image_store=database.shown)
+    # On the database's clock, taken before the checkpoints are read (see acollect_garbage).
+    cutoff = await asyncio.to_thread(database_cutoff, database, min_age_s)
+    threads, referenced = await read_checkpoints(workspace.checkpointer_url, shown, report)
+    await asyncio.to_thread(scan_rows, database, threads, referenced, cutoff, report)
+    _refuse_if_suspicious(report, threads, allow_empty)
+    if delete:
+        await asyncio.to_thread(remove_rows, database, cutoff, report)
     return report
 
 
@@ -130,8 +160,9 @@ def _store_folders(root: Path, report: GcReport) -> list[os.DirEntry[str]]:
 
 
 def _scan(run_dir: Path, threads: set[str], referenced: set[str], cutoff: float,
-          report: GcReport) -> None:
-    """Sort every file of the ledger and the image store into kept, orphan, young or unknown."""
+          report: GcReport, images: Path | None = None) -> None:
+    """Sort every file of the ledger and the image store (``images``, default the run
+    directory's) into kept, orphan, young or unknown."""
     needed = set(referenced)
     for folder in _store_folders(run_dir / "generations", report):
         for entry in _entries(Path(folder.path)):
@@ -163,7 +194,7 @@ def _scan(run_dir: Path, threads: set[str], referenced: set[str], cutoff: float,
             else:
                 report.orphan_records.append(found)
 
-    for folder in _store_folders(run_dir / "images", report):
+    for folder in _store_folders(images or run_dir / "images", report):
         for entry in _entries(Path(folder.path)):
             if entry.name.startswith(TEMP_PREFIX) and _is_real_file(entry):
                 report.temp_files.append(_file(entry))
@@ -223,8 +254,9 @@ def _refuse_if_suspicious(report: GcReport, threads: set[str], allow_empty: bool
         return
     raise GarbageCollectionRefused(
         f"the checkpointer {report.checkpointer} has {found}, so every image of "
-        f"{report.run_dir} would count as unused; nothing was removed",
-        hint="--checkpointer may point at the wrong database (or --run-dir at the wrong folder); "
+        f"{report.image_store or report.run_dir} would count as unused; nothing was removed",
+        hint="--checkpointer may point at the wrong database (or --run-dir or --image-store at the "
+        "wrong store); "
         "if every thread really was deleted, run gc again with --allow-empty",
     )
 
@@ -232,7 +264,7 @@ def _refuse_if_suspicious(report: GcReport, threads: set[str], allow_empty: bool
 # -- removing --------------------------------------------------------------------------------------
 
 
-def _remove(run_dir: Path, cutoff: float, report: GcReport) -> None:
+def _remove(run_dir: Path, cutoff: float, report: GcReport, images: Path | None = None) -> None:
     removed_images, removed_records = [], []
     for found in report.orphan_records:
         (removed_records if _remove_if_still_old(found.path, cutoff) else report.in_use).append(found)
@@ -245,7 +277,7 @@ def _remove(run_dir: Path, cutoff: float, report: GcReport) -> None:
     report.orphan_verdicts = removed_verdicts
     # Half-written files of killed writers: the staging folders, and the store folders where
     # earlier versions wrote them (and where a killed gc leaves its own).
-    temp_folders = [run_dir / "images" / STAGING_DIR, run_dir / "generations" / STAGING_DIR,
+    temp_folders = [(images or run_dir / "images") / STAGING_DIR, run_dir / "generations" / STAGING_DIR,
                     run_dir / "verdicts" / STAGING_DIR]
     temp_folders += sorted({item.path.parent for item in report.temp_files} - set(temp_folders))
     report.temp_files = [

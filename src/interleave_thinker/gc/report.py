@@ -22,9 +22,10 @@ class GarbageCollectionRefused(InterleaveError):
 
 @dataclass(frozen=True)
 class GcFile:
-    """A file gc found: where, how big, and when it was last written."""
+    """A file gc found: where, how big, and when it was last written. A row of a PostgreSQL
+    store is named ``<table>/<key>`` (a str), its time that of its last store or lookup."""
 
-    path: Path
+    path: Path | str
     size: int
     mtime: float
 
@@ -58,6 +59,8 @@ class GcReport:
     verdicts: int = 0
     orphan_verdicts: list[GcFile] = field(default_factory=list)
     young_verdicts: list[GcFile] = field(default_factory=list)
+    # The image store when it is not the run directory (a PostgreSQL URL, shown without password).
+    image_store: str | None = None
 
     @property
     def orphan_bytes(self) -> int:
@@ -72,6 +75,7 @@ class GcReport:
         return {
             "run_dir": str(self.run_dir),
             "checkpointer": self.checkpointer,
+            "image_store": self.image_store,
             "mode": "delete" if self.delete else "dry-run",
             "min_age_seconds": self.min_age_s,
             "threads": self.threads,
@@ -113,6 +117,8 @@ class GcReport:
         ]
         lines.append(f"checkpointer {self.checkpointer}: {_count(self.threads, 'thread')}, "
                      f"{_count(self.checkpoints, 'checkpoint')} read")
+        if self.image_store:
+            lines.append(f"image store {self.image_store} (PostgreSQL)")
         lines.append(f"images: {self.images} stored ({_size(self.image_bytes)}), "
                      f"{self.referenced_images} in use")
         lines.append(

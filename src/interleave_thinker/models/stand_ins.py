@@ -18,10 +18,14 @@ from pydantic import ConfigDict
 
 from interleave_thinker.prompts.packs import InterleavePack, PromptPack
 
-# The test planner never writes more steps than this, whatever the request's length.
-MAX_TEST_STEPS = 6
+# The test planner writes one step per part of the request, and never more than this (a
+# 10,000-character request could have a thousand parts); fewer when the planner prompt sets a
+# step limit (--max-steps), which it reads as a real planner would.
+MAX_TEST_STEPS = 100
 
 _PART_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
+# How our planner prompt states --max-steps (prompts/templates.py).
+_STEP_LIMIT = re.compile(r"Write at most (\d+) steps")
 
 
 class _RuleBasedChatModel(BaseChatModel):
@@ -61,14 +65,28 @@ class _RuleBasedChatModel(BaseChatModel):
         return self._generate(messages, stop)
 
 
-def split_request(text: str) -> list[str]:
-    """Sentences, clauses after ';' and lines of the request: one part per test step."""
+def split_request(text: str, max_steps: int = MAX_TEST_STEPS) -> list[str]:
+    """Sentences, clauses after ';' and lines of the request: one part per test step, at most
+    ``max_steps`` (the overflow is folded into the last step rather than dropped)."""
     parts = [part.strip(" \t.;") for part in _PART_SPLIT.split(text)]
     parts = [part for part in parts if part]
-    if len(parts) > MAX_TEST_STEPS:
-        # Fold the overflow into the last step rather than dropping what the user wrote.
-        parts = [*parts[: MAX_TEST_STEPS - 1], "; ".join(parts[MAX_TEST_STEPS - 1 :])]
+    limit = max(1, min(max_steps, MAX_TEST_STEPS))
+    if len(parts) > limit:
+        parts = [*parts[: limit - 1], "; ".join(parts[limit - 1 :])]
     return parts
+
+
+def _step_limit(messages: Sequence[BaseMessage]) -> int:
+    """The step limit the planner prompt states (--max-steps), else MAX_TEST_STEPS."""
+    for message in messages:
+        texts = [message.content] if isinstance(message.content, str) else [
+            block.get("text", "") for block in message.content if isinstance(block, dict)
+        ]
+        for text in texts:
+            found = _STEP_LIMIT.search(text) if isinstance(text, str) else None
+            if found:
+                return int(found.group(1))
+    return MAX_TEST_STEPS
 
 
 class StandInPlannerModel(_RuleBasedChatModel):
@@ -88,7 +106,8 @@ class StandInPlannerModel(_RuleBasedChatModel):
         first_number = _image_block_count(messages) + 1
         steps: list[dict[str, Any]] = []
         drawn_any = False
-        for offset, part in enumerate(split_request(request) or [request.strip()]):
+        parts = split_request(request, _step_limit(messages)) or [request.strip()]
+        for offset, part in enumerate(parts):
             question = part.endswith("?")
             if question:
                 prompt = None

@@ -7,7 +7,7 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from interleave_thinker.context import Context
-from interleave_thinker.events import DocumentReady
+from interleave_thinker.events import BudgetExhausted, DocumentReady
 from interleave_thinker.nodes.common import emit, emit_committed
 from interleave_thinker.nodes.scheduling import finish_out_of_budget
 from interleave_thinker.state import Document, DocumentStep, TrajectoryState
@@ -19,6 +19,7 @@ async def compose_document(state: TrajectoryState, runtime: Runtime[Context]) ->
     Reads ``plan``, ``request``, ``settings`` (budget, profile), ``progress`` and
     ``generator_calls``. Steps not finished ran out of the call budget: each is committed as
     forced (it has attempts) or skipped. Writes ``document`` and empties ``progress``. Emits
+    ``BudgetExhausted`` (which steps are forced, which skipped) when it commits any, then
     ``StepCommitted`` for each step it committed, then ``DocumentReady``.
     """
     plan, settings = state["plan"], state["settings"]
@@ -28,6 +29,19 @@ async def compose_document(state: TrajectoryState, runtime: Runtime[Context]) ->
         item if item.finished else finish_out_of_budget(item, settings.options.budget)
         for item in state["progress"]
     )
+    left_open = [
+        after for before, after in zip(state["progress"], progress, strict=True) if not before.finished
+    ]
+    if left_open:
+        emit(
+            runtime,
+            BudgetExhausted(
+                calls=state.get("generator_calls", 0),
+                max_calls=settings.options.budget.max_calls,
+                forced=[item.number for item in left_open if item.status == "forced"],
+                skipped=[item.number for item in left_open if item.status == "skipped"],
+            ),
+        )
     by_step = {item.number: item for item in progress}
     steps = tuple(
         DocumentStep(

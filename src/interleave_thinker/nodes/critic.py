@@ -10,17 +10,30 @@ from typing import Any, NamedTuple, TypeVar
 from langchain_core.messages import BaseMessage
 from langgraph.runtime import Runtime
 
-from interleave_thinker.context import Context, model_identity
+from interleave_thinker.context import Context, model_identity, model_label
 from interleave_thinker.errors import ModelOutputError
-from interleave_thinker.events import Verdict
+from interleave_thinker.events import NextAttempt, Verdict
 from interleave_thinker.models.messages import ImageInliningChatModel, image_block
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
 from interleave_thinker.nodes.common import emit, emit_committed, position, thread_of
 from interleave_thinker.nodes.retrying import is_transient, try_label
-from interleave_thinker.nodes.scheduling import finish_out_of_budget, source_images
+from interleave_thinker.nodes.scheduling import (
+    finish_out_of_budget,
+    next_pass,
+    repeated_attempt,
+    source_images,
+)
 from interleave_thinker.prompts.parsing import parse_verdict
 from interleave_thinker.prompts.schemas import VerdictAnswer
-from interleave_thinker.state import Attempt, Budget, Critique, StepProgress, TrajectoryState
+from interleave_thinker.state import (
+    Attempt,
+    Budget,
+    Critique,
+    Plan,
+    RunOptions,
+    StepProgress,
+    TrajectoryState,
+)
 from interleave_thinker.storage.image_store import blank_canvas
 from interleave_thinker.storage.verdicts import VerdictLedger, verdict_key
 
@@ -55,8 +68,9 @@ async def judge_attempts(state: TrajectoryState, runtime: Runtime[Context]) -> d
     attempts, or kept unjudged), or waits for a person (``awaiting_review``).
 
     Emits ``Verdict`` for each step of the pass (``success`` None when its attempt was kept
-    unjudged; a reused verdict is announced like a fresh one) and ``StepCommitted`` for each step
-    that became final.
+    unjudged; a reused verdict is announced like a fresh one; ``next_attempt`` says whether a step
+    left open is drawn again, repeats an earlier request, or gets no call within the budget) and
+    ``StepCommitted`` for each step that became final.
     """
     plan = state["plan"]
     assert plan is not None
@@ -68,6 +82,12 @@ async def judge_attempts(state: TrajectoryState, runtime: Runtime[Context]) -> d
     for item, judgement in zip(fresh, judgements, strict=True):
         item = _decided(item, judgement, options.budget, review_forced=options.review_forced)
         decided[item.number] = item
+    progress = tuple(decided.get(item.number, item) for item in state["progress"])
+    # What the next pass does (as the graph will route): a rejected step it leaves out gets no
+    # call, ever, since that pass spends the rest of the budget.
+    drawn_next = {step.number for step in next_pass(plan, progress, options, state.get("generator_calls", 0))}
+    for item, judgement in zip(fresh, judgements, strict=True):
+        item = decided[item.number]
         emit(
             runtime,
             Verdict(
@@ -75,11 +95,25 @@ async def judge_attempts(state: TrajectoryState, runtime: Runtime[Context]) -> d
                 attempt=item.attempts[-1].number,
                 success=None if judgement.critique is None else judgement.critique.success,
                 status="review" if item.awaiting_review else item.status,
+                next_attempt=_next_attempt(plan, options, item, drawn_next),
             ),
         )
         if item.finished:
             emit_committed(runtime, plan, item)
-    return {"progress": tuple(decided.get(item.number, item) for item in state["progress"])}
+    return {"progress": progress}
+
+
+def _next_attempt(
+    plan: Plan, options: RunOptions, item: StepProgress, drawn_next: set[int]
+) -> NextAttempt | None:
+    """For a step left open: whether its next attempt is drawn, repeats an earlier request (the
+    image is reused) or never comes (no generator call left); None for a decided step."""
+    if item.finished or item.awaiting_review:
+        return None
+    if item.number not in drawn_next:
+        return "none"
+    repeated = repeated_attempt(options, plan, plan.step(item.number), item)
+    return "drawn" if repeated is None else "repeated"
 
 
 async def _judge(state: TrajectoryState, runtime: Runtime[Context], item: StepProgress) -> Judgement:
@@ -229,7 +263,7 @@ async def _ask_critic(
             reask=runtime.context.prompts.reask_message,
             max_reasks=options.max_reasks,
             where=f"thread {thread_of(runtime)}, step {item.number}, attempt {attempt.number}",
-            identity=f"critic {model_identity(critic)}",
+            identity=f"critic {model_label(critic)}",
             timeout=runtime.context.timeouts.model,
             tries=try_label(runtime),
             config={

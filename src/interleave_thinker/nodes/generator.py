@@ -25,13 +25,20 @@ from interleave_thinker.generators.base import GenerationJob, ImageGenerator
 from interleave_thinker.nodes.common import emit, position, thread_of
 from interleave_thinker.nodes.retrying import bounded, is_transient, try_label
 from interleave_thinker.nodes.scheduling import (
-    attempt_seed,
-    calls_left,
+    next_pass,
+    next_request,
     progress_by_step,
-    ready_steps,
+    repeated_attempt,
     source_images,
 )
-from interleave_thinker.state import Attempt, ImageRef, Step, StepProgress, TrajectoryState
+from interleave_thinker.state import (
+    Attempt,
+    ImageRef,
+    Step,
+    StepProgress,
+    TrajectoryState,
+    identity_without_address,
+)
 from interleave_thinker.storage.image_store import CheckedImage, check_image, png_image
 from interleave_thinker.storage.ledger import GenerationLedger, generation_key
 
@@ -48,16 +55,20 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
     """Draw the next attempt of every ready step, all in one batched backend call.
 
     Reads ``plan``, ``request``, ``settings`` (budget, seed, size), ``progress`` (which steps are
-    ready, their next prompts, their sources' final images) and ``generator_calls``. Takes as many
-    ready steps as the call budget allows; a request already in the generation ledger (drawn by
-    an earlier try of this node, or by a process that crashed before its checkpoint) reuses its
-    image instead of drawing again.
+    ready, their next prompts, their sources' final images) and ``generator_calls``. Takes the
+    ready steps the call budget pays for (``next_pass``). An attempt that repeats an earlier
+    attempt of its step (same prompt and seed) takes that attempt's image: nothing is drawn and
+    no call is counted. A request already in the generation ledger (drawn by an earlier try of
+    this node, or by a process that crashed before its checkpoint) reuses its image instead of
+    drawing again; it was a backend draw, so it counts as a call, once, as in a run that never
+    stopped.
 
-    Writes ``progress`` (each drawn step gains an ``Attempt`` awaiting the critic) and
-    ``generator_calls`` (plus one per attempt, reused ones included).
+    Writes ``progress`` (each step of the pass gains an ``Attempt`` awaiting the critic) and
+    ``generator_calls`` (plus one per backend draw: every attempt but the repeated ones).
 
-    Emits ``StepStarted`` for each request before the call, then ``ImageReady`` for each image
-    (``reused`` when it came from the ledger).
+    Emits ``StepStarted`` for each request before the call (not for repeats: nothing is drawn),
+    then ``ImageReady`` for each attempt's image (``reused`` when it came from the ledger,
+    ``repeats`` when it came from an earlier attempt).
     """
     plan, settings = state["plan"], state["settings"]
     assert plan is not None
@@ -65,26 +76,38 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
     thread_id = thread_of(runtime)
     progress = progress_by_step(state["progress"])
     calls_used = state.get("generator_calls", 0)
-    batch = ready_steps(plan, state["progress"])[: calls_left(settings.options.budget, calls_used)]
+    batch = next_pass(plan, state["progress"], settings.options, calls_used)
 
     planned = [_planned_call(state, context, thread_id, step, progress[step.number]) for step in batch]
+    # Attempts that repeat an earlier attempt of their step: its image, drawn once.
+    repeats = {
+        call.job.step: index
+        for call, step in zip(planned, batch, strict=True)
+        if (index := repeated_attempt(settings.options, plan, step, progress[step.number])) is not None
+    }
     for call in planned:
+        if call.job.step in repeats:
+            continue  # nothing is drawn for it: ImageReady says which image it takes
         emit(
             runtime,
             StepStarted(**position(plan, call.job.step), attempt=call.job.attempt, prompt=call.job.prompt),
         )
 
     started = time.time()
+    requests = [call for call in planned if call.job.step not in repeats]
     # File I/O goes to a worker thread: the event loop may be serving other runs.
-    reused = await asyncio.to_thread(_recorded_images, context.ledger, planned)
-    to_draw = [call for call in planned if call.key not in reused]
+    reused = await asyncio.to_thread(_recorded_images, context.ledger, requests)
+    to_draw = [call for call in requests if call.key not in reused]
     drawn = await _draw(context, thread_id, to_draw, try_label(runtime)) if to_draw else {}
     images = {**reused, **drawn}
-    seconds = (time.time() - started) / max(1, len(planned))
+    seconds = (time.time() - started) / max(1, len(to_draw))
 
     updated = dict(progress)
     for call in planned:
-        job, image, was_reused = call.job, images[call.key], call.key in reused
+        job, repeated = call.job, repeats.get(call.job.step)
+        item = updated[job.step]
+        image = images[call.key] if repeated is None else item.attempts[repeated].image
+        was_reused = call.key in reused and repeated is None
         attempt = Attempt(
             step=job.step,
             number=job.attempt,
@@ -93,19 +116,23 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
             image=image,
             reused=was_reused,
             started_at=started,
-            generation_seconds=0.0 if was_reused else seconds,
+            generation_seconds=seconds if call.key in drawn and repeated is None else 0.0,
         )
-        item = updated[job.step]
         updated[job.step] = item.model_copy(update={"attempts": (*item.attempts, attempt)})
         emit(
             runtime,
             ImageReady(
-                **position(plan, job.step), attempt=job.attempt, image=image.sha256, reused=was_reused
+                **position(plan, job.step),
+                attempt=job.attempt,
+                image=image.sha256,
+                reused=was_reused,
+                repeats=None if repeated is None else item.attempts[repeated].number,
             ),
         )
     return {
         "progress": tuple(updated[item.number] for item in state["progress"]),
-        "generator_calls": calls_used + len(planned),
+        # Backend draws only: a ledger reuse was drawn (and never counted) before a restart.
+        "generator_calls": calls_used + len(requests),
     }
 
 
@@ -117,11 +144,12 @@ def _planned_call(
     attempt = len(item.attempts) + 1
     plan = state["plan"]
     assert plan is not None
-    seed = attempt_seed(options, plan, step, attempt)
+    prompt, seed = next_request(options, plan, step, item)
     sources = tuple(source_images(step, state["request"], state["progress"]))
-    prompt = item.next_prompt or step.prompt or ""
     key = generation_key(
-        generator=context.backends.generator.identity,
+        # Without the server's address: a thread moved to another address of the same server
+        # reuses what that server already drew.
+        generator=identity_without_address(context.backends.generator.identity),
         thread=thread_id,
         prompt=prompt,
         sources=[ref.sha256 for ref in sources],
@@ -197,6 +225,23 @@ async def _draw_and_store(
     outputs = await _call_backend(
         generator, jobs, context.timeouts.generator, where, tries, f"`interleave resume {thread_id}`"
     )
+    # The images are paid for: storing and recording them is shielded from cancellation, so a
+    # Ctrl-C that lands between the backend's answer and the ledger record still leaves them
+    # for the resume to reuse instead of drawing them again.
+    storing = asyncio.ensure_future(_check_and_store(context, thread_id, to_draw, outputs, where))
+    try:
+        return await asyncio.shield(storing)
+    except asyncio.CancelledError:
+        await asyncio.wait([storing])
+        if not storing.cancelled():
+            storing.exception()  # retrieved: the cancellation is what this call reports
+        raise
+
+
+async def _check_and_store(
+    context: Context, thread_id: str, to_draw: list[PlannedCall], outputs: object, where: str
+) -> list[dict[str, Any]]:
+    """Check a backend's outputs, then store and record each image."""
     # PNG encoding and file writes release the GIL: a batch's images are handled in parallel
     # threads, each checked before any is stored.
     checked = await _checked_outputs(outputs, [call.job for call in to_draw], where)

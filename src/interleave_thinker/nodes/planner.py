@@ -7,7 +7,7 @@ from typing import Any
 from langchain_core.callbacks import adispatch_custom_event
 from langgraph.runtime import Runtime
 
-from interleave_thinker.context import Context, model_identity
+from interleave_thinker.context import Context, model_label
 from interleave_thinker.models.messages import ImageInliningChatModel, image_block
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
 from interleave_thinker.nodes.common import adopt_plan, thread_of
@@ -49,7 +49,7 @@ async def plan_trajectory(state: TrajectoryState, runtime: Runtime[Context]) -> 
         reask=pack.reask_message,
         max_reasks=options.max_reasks,
         where=f"thread {thread_of(runtime)}, planning",
-        identity=f"planner {model_identity(runtime.context.backends.planner)}",
+        identity=f"planner {model_label(runtime.context.backends.planner)}",
         timeout=runtime.context.timeouts.model,
         tries=try_label(runtime),
         config={

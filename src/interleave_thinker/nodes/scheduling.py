@@ -111,3 +111,46 @@ def finish_out_of_budget(item: StepProgress, budget: Budget) -> StepProgress:
 
 def calls_left(budget: Budget, calls_used: int) -> int:
     return max(0, budget.max_calls - calls_used)
+
+
+def next_request(options: RunOptions, plan: Plan, step: Step, item: StepProgress) -> tuple[str, int]:
+    """The prompt and seed of ``step``'s next attempt."""
+    prompt = item.next_prompt or step.prompt or ""
+    return prompt, attempt_seed(options, plan, step, len(item.attempts) + 1)
+
+
+def repeated_attempt(options: RunOptions, plan: Plan, step: Step, item: StepProgress) -> int | None:
+    """Index of the earlier attempt of ``step`` that its next attempt repeats, or None.
+
+    A step's sources and size do not change between its attempts, so the same prompt and seed
+    are the same generator request: its image is reused rather than drawn (and paid) again.
+    This happens when the critic rejects without a new prompt and the seed does not change
+    between tries (``reseed_retries`` off, the paper's rule). A first attempt repeats nothing.
+    """
+    prompt, seed = next_request(options, plan, step, item)
+    for index, attempt in enumerate(item.attempts):
+        if attempt.prompt == prompt and attempt.seed == seed:
+            return index
+    return None
+
+
+def next_pass(
+    plan: Plan, progress: Sequence[StepProgress], options: RunOptions, calls_used: int
+) -> list[Step]:
+    """The steps the next generator pass attempts: the ready ones, in plan order, as far as the
+    call budget pays for their draws (a repeated request draws nothing and costs nothing).
+
+    Nothing once the budget is spent: the graph then composes the document.
+    """
+    left = calls_left(options.budget, calls_used)
+    if left == 0:
+        return []
+    by_step = progress_by_step(progress)
+    chosen = []
+    for step in ready_steps(plan, progress):
+        if repeated_attempt(options, plan, step, by_step[step.number]) is None:
+            if left == 0:
+                continue
+            left -= 1
+        chosen.append(step)
+    return chosen

@@ -14,7 +14,7 @@ from interleave_thinker.render.json_doc import document_json
 from interleave_thinker.render.markdown import render_markdown
 from interleave_thinker.state import MEDIA_SUFFIXES, Document, ImageRef
 from interleave_thinker.storage.atomic import write_atomically
-from interleave_thinker.storage.image_store import ImageStore
+from interleave_thinker.storage.image_store import ImageStorage
 
 ExportFormat = Literal["html", "md", "json"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
@@ -48,7 +48,7 @@ def _image_names(document: Document) -> dict[str, tuple[ImageRef, str]]:
     return names
 
 
-def _copy_images(names: dict[str, tuple[ImageRef, str]], store: ImageStore, folder: Path) -> None:
+def _copy_images(names: dict[str, tuple[ImageRef, str]], store: ImageStorage, folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise ConfigurationError(
             f"{shown_path(folder)} exists and is not a folder, so the images cannot be written there",
@@ -88,7 +88,7 @@ def _refuse_file_as_folder(out: Path) -> None:
 
 def export_document(
     document: Document,
-    store: ImageStore,
+    store: ImageStorage,
     *,
     thread_id: str,
     fmt: ExportFormat,
