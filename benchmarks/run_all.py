@@ -1,4 +1,4 @@
-"""Run the benchmarks, write REPORT.md: python -m benchmarks.run_all [--quick] [--repeats N] [--only X]."""
+"""Write REPORT.md: python -m benchmarks.run_all [--quick] [--only X] [--with-section F]"""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ MODULES = (
     "bench_resume",
     "bench_batching",
     "bench_memory",
+    "bench_graph_work",
 )
 DEFAULT_REPORT = Path(__file__).resolve().with_name("REPORT.md")
 TARGETS_NOTE = Path(__file__).resolve().with_name("TARGETS.md")
@@ -76,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run only this benchmark (e.g. orchestration or bench_resume); repeat or use commas",
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_REPORT, help="report path")
+    parser.add_argument(
+        "--with-section", action="append", type=Path, default=[], metavar="FILE",
+        help="append a Markdown section another environment wrote (the vLLM benchmark's --section)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -88,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["benchmarks"] = [*log, f"total {time.perf_counter() - started:.0f} s"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     report = render_report(figures, info)
+    for section in args.with_section:
+        # Measured in its own environment (vLLM pins another torch), on the same machine.
+        report += "\n" + section.read_text(encoding="utf-8")
     if not args.quick and TARGETS_NOTE.is_file():
         # What the numbers cannot say: why a target that fails is the wrong target.
         report += "\n" + TARGETS_NOTE.read_text(encoding="utf-8")

@@ -382,3 +382,42 @@ def test_a_write_killed_between_data_and_rename_is_swept_by_the_next_run(
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-")
     assert store.sweep_abandoned_writes() == leftovers
     assert files_under(root) == []
+
+
+def test_an_image_stored_here_is_inlined_from_memory_and_only_for_its_own_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The critic's message and the HTML page take a just-stored image's base64 from memory
+    (no read, no second hash), but another store never sees an image it does not hold."""
+    import base64
+
+    store = ImageStore(tmp_path / "a")
+    ref = store.put_image(Image.new("RGB", (48, 40), (200, 30, 30)))
+    expected = base64.b64encode(store.path_for(ref).read_bytes()).decode("ascii")
+
+    def no_read(*args: object) -> bytes:
+        raise AssertionError("read from disk")
+
+    monkeypatch.setattr(ImageStore, "read_path", no_read)
+    assert store.as_base64(ref) == expected and store.recent(ref.sha256) == ref
+    other = ImageStore(tmp_path / "b")
+    assert other.recent(ref.sha256) is None
+    monkeypatch.undo()
+    with pytest.raises(ImageError, match="no image"):
+        other.find(ref.sha256)
+
+
+def test_the_inlining_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(image_store, "MAX_ENCODED_CHARS", 1)
+    store = ImageStore(tmp_path)
+    first = store.put_image(Image.new("RGB", (16, 16), (1, 2, 3)))
+    second = store.put_image(Image.new("RGB", (16, 16), (4, 5, 6)))
+    # Over the bound, only the newest is kept; the older one is read (and verified) again.
+    assert store.recent(second.sha256) == second and store.recent(first.sha256) is None
+    assert base64_of(store, first) == store.as_base64(first)
+
+
+def base64_of(store: ImageStore, ref: ImageRef) -> str:
+    import base64
+
+    return base64.b64encode(store.read(ref)).decode("ascii")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ from langchain_core.outputs import ChatResult
 from pydantic import ConfigDict
 
 from interleave_thinker.state import ImageRef
-from interleave_thinker.storage.image_store import ImageStore
+from interleave_thinker.storage.image_store import ImageStorage
 
 REF_PREFIX = "sha256:"
 
@@ -31,34 +30,35 @@ def image_block(ref: ImageRef) -> dict[str, str]:
     return {"type": "image", "file_id": f"{REF_PREFIX}{ref.sha256}", "mime_type": ref.media_type}
 
 
-def image_data_block(store: ImageStore, ref: ImageRef) -> dict[str, str]:
+def image_data_block(store: ImageStorage, ref: ImageRef) -> dict[str, str]:
     """A standard ``image`` block carrying the verified bytes of ``ref`` as base64."""
     return {
         "type": "image",
-        "base64": base64.b64encode(store.read(ref)).decode("ascii"),
+        "base64": store.as_base64(ref),
         "mime_type": ref.media_type,
     }
 
 
-def inline_images(messages: Sequence[BaseMessage], store: ImageStore) -> list[BaseMessage]:
+def inline_images(messages: Sequence[BaseMessage], store: ImageStorage) -> list[BaseMessage]:
     """Copies of ``messages`` with every reference block replaced by a base64 block."""
     return [_inline_message(message, store) for message in messages]
 
 
-def _inline_message(message: BaseMessage, store: ImageStore) -> BaseMessage:
+def _inline_message(message: BaseMessage, store: ImageStorage) -> BaseMessage:
     if not isinstance(message.content, list):
         return message
     blocks = [_inline_block(block, store) for block in message.content]
     return message.model_copy(update={"content": blocks})
 
 
-def _inline_block(block: Any, store: ImageStore) -> Any:
+def _inline_block(block: Any, store: ImageStorage) -> Any:
     if not (isinstance(block, dict) and block.get("type") == "image"):
         return block
     file_id = block.get("file_id")
     if not (isinstance(file_id, str) and file_id.startswith(REF_PREFIX)):
         return block
-    inlined = image_data_block(store, store.find(file_id.removeprefix(REF_PREFIX)))
+    sha256 = file_id.removeprefix(REF_PREFIX)
+    inlined = image_data_block(store, store.recent(sha256) or store.find(sha256))
     # Layout hints the prompt pack set (max_pixels) travel with the bytes.
     return inlined | {key: value for key, value in block.items() if key == "max_pixels"}
 
@@ -73,7 +73,7 @@ class ImageInliningChatModel(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     inner: BaseChatModel
-    store: ImageStore
+    store: ImageStorage
 
     @property
     def _llm_type(self) -> str:

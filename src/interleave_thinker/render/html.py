@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from interleave_thinker.errors import ImageError
 from interleave_thinker.render.safe_text import display_text
 from interleave_thinker.state import Attempt, Critique, Document, DocumentStep, ImageRef
-from interleave_thinker.storage.image_store import ImageStore
+from interleave_thinker.storage.image_store import ImageStorage
 
 TITLE_LENGTH = 80
 
@@ -133,7 +133,7 @@ THUMB_QUALITY = 85
 class _Embedder:
     """Builds data URIs, reading and encoding each distinct image once."""
 
-    def __init__(self, store: ImageStore) -> None:
+    def __init__(self, store: ImageStorage) -> None:
         self._store = store
         self._encoded: dict[str, str] = {}
         self._thumbs: dict[str, tuple[str, int, int]] = {}
@@ -142,7 +142,7 @@ class _Embedder:
         ref = validated_ref(ref)
         encoded = self._encoded.get(ref.sha256)
         if encoded is None:
-            encoded = base64.b64encode(self._store.read(ref)).decode("ascii")
+            encoded = self._store.as_base64(ref)
             self._encoded[ref.sha256] = encoded
         # The media type is one of a fixed set and base64 needs no escaping in an attribute.
         return f"data:{ref.media_type};base64,{encoded}"
@@ -168,7 +168,9 @@ class _Embedder:
         if cached is None:
             with self._store.open(ref) as image:
                 small = image.convert("RGB")
-                small.thumbnail((THUMB_PIXELS, THUMB_PIXELS))
+                # reducing_gap 1.0: a box reduction first, then a short resample; about 3x
+                # faster than the default at 1024x1024 and sharp enough at thumbnail size.
+                small.thumbnail((THUMB_PIXELS, THUMB_PIXELS), reducing_gap=1.0)
                 buffer = io.BytesIO()
                 small.save(buffer, format="JPEG", quality=THUMB_QUALITY)
             cached = (base64.b64encode(buffer.getvalue()).decode("ascii"), small.width, small.height)
@@ -291,7 +293,7 @@ def _step(step: DocumentStep, embed: _Embedder) -> str:
     return "\n".join(parts)
 
 
-def render_html(document: Document, store: ImageStore, *, thread_id: str) -> str:
+def render_html(document: Document, store: ImageStorage, *, thread_id: str) -> str:
     """The document as one HTML5 page that needs no network, no files and no JavaScript."""
     embed = _Embedder(store)
     steps = "\n".join(_step(step, embed) for step in document.steps)

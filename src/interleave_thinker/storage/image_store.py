@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import abc
+import base64
+import collections
+import functools
 import hashlib
 import io
 import os
 import struct
+import threading
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
+
+try:  # a fast lossless PNG writer; optional, Pillow writes the same images without it
+    import fpng as _fpng
+except ImportError:  # pragma: no cover - depends on the platform's wheels
+    _fpng = None
 
 from interleave_thinker.errors import ImageError
 from interleave_thinker.state import MEDIA_SUFFIXES, SHA256_PATTERN, ImageRef
@@ -251,17 +262,23 @@ def _jpeg_image(image: Image.Image) -> CheckedImage:
     return CheckedImage(buffer.getvalue(), "image/jpeg", image.width, image.height)
 
 
-# zlib's run-length strategy at level 1 suits PNG's filtered rows: at 1024x1024 it encodes a
-# photo-like image in 65 ms against the default's 160 ms on the CI machine, and the file is no
-# larger. A GPU trajectory waits for this between the generator and the critic.
+# Without fpng: zlib's run-length strategy at level 1 suits PNG's filtered rows (a photo-like
+# 1024x1024 image in 65 ms against the default's 160 ms on the CI machine, no larger).
 PNG_COMPRESS_LEVEL = 1
 PNG_COMPRESS_TYPE = zlib.Z_RLE
 
 
 def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of a PIL image (converted to RGB or RGBA first)."""
+    """Lossless PNG bytes of a PIL image (converted to RGB or RGBA first).
+
+    fpng writes a 1024x1024 image in 3-5 ms where Pillow's zlib takes 50-75 ms (benchmark h):
+    a GPU trajectory waits for this between the generator and the critic. Its files are up to
+    about 40 % larger for photo-like content; Pillow is used where the wheel is missing.
+    """
     if image.mode not in ("RGB", "RGBA"):
         image = image.convert("RGB")
+    if _fpng is not None:
+        return _fpng.from_ndarray(np.ascontiguousarray(np.asarray(image)))
     buffer = io.BytesIO()
     image.save(
         buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL, compress_type=PNG_COMPRESS_TYPE
@@ -272,12 +289,81 @@ def encode_png(image: Image.Image) -> bytes:
 @dataclass(frozen=True)
 class CheckedImage:
     """Encoded image bytes whose format and size are known to be right (decoded, or encoded
-    here), so storing them needs no second decode."""
+    here), so storing them needs no second decode. ``pixels``: the decoded image, when it is at
+    hand (an image encoded here), so that reading it back needs no decode either."""
 
     data: bytes
     media_type: str
     width: int
     height: int
+    pixels: Image.Image | None = field(default=None, compare=False, repr=False)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+# Decoded images this process encoded or read recently, by sha256: the critic's transformers
+# backend, the next edit and the HTML page all need pixels that were just encoded, and a
+# 1024x1024 PNG takes 15-25 ms to decode. Content-addressed, so a hit is always the right image.
+_DECODED: collections.OrderedDict[tuple[str, str], Image.Image] = collections.OrderedDict()
+_DECODED_LOCK = threading.Lock()
+# About 12 MB of RGB pixels: four 1024x1024 images, what one trajectory uses next (the
+# memory benchmark holds 64 trajectories within 10 MiB each).
+MAX_DECODED_PIXELS = 4 * 1024 * 1024
+
+
+def remember_decoded(key: tuple[str, str], image: Image.Image) -> None:
+    """Keep ``image`` (the decoded form of the stored image ``key``: the store's location and
+    the sha256) for :meth:`ImageStorage.open`."""
+    with _DECODED_LOCK:
+        _DECODED[key] = image
+        _DECODED.move_to_end(key)
+        total = sum(kept.width * kept.height for kept in _DECODED.values())
+        while total > MAX_DECODED_PIXELS and len(_DECODED) > 1:
+            _, dropped = _DECODED.popitem(last=False)
+            total -= dropped.width * dropped.height
+
+
+def _recalled(key: tuple[str, str]) -> Image.Image | None:
+    with _DECODED_LOCK:
+        image = _DECODED.get(key)
+        if image is not None:
+            _DECODED.move_to_end(key)
+    # A copy: callers (pipelines, renderers) may change the image they are given.
+    return None if image is None else image.copy()
+
+
+# Base64 forms of images this process stored or verified recently, by sha256, with their
+# references: every critic call inlines the candidate and the previous image, and the HTML page
+# embeds all of them; reading a 1024x1024 PNG back, hashing it and encoding it again costs a few
+# milliseconds each time. Only bytes whose hash was checked in this process go in. Both caches
+# are keyed by the store's location too: an image is only ever found in the store that holds it.
+_ENCODED: collections.OrderedDict[tuple[str, str], tuple[ImageRef, str]] = collections.OrderedDict()
+_ENCODED_LOCK = threading.Lock()
+# About 16 MB of base64 text: some ten 1024x1024 PNGs.
+MAX_ENCODED_CHARS = 16 * 1024 * 1024
+
+
+def _remember_encoded(location: str, ref: ImageRef, data: bytes) -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    key = (location, ref.sha256)
+    with _ENCODED_LOCK:
+        _ENCODED[key] = (ref, encoded)
+        _ENCODED.move_to_end(key)
+        total = sum(len(text) for _, text in _ENCODED.values())
+        while total > MAX_ENCODED_CHARS and len(_ENCODED) > 1:
+            _, (_, dropped) = _ENCODED.popitem(last=False)
+            total -= len(dropped)
+    return encoded
+
+
+def _recalled_encoded(key: tuple[str, str]) -> tuple[ImageRef, str] | None:
+    with _ENCODED_LOCK:
+        kept = _ENCODED.get(key)
+        if kept is not None:
+            _ENCODED.move_to_end(key)
+    return kept
 
 
 def check_image(data: bytes, *, what: str = "image") -> CheckedImage:
@@ -287,25 +373,59 @@ def check_image(data: bytes, *, what: str = "image") -> CheckedImage:
 
 
 def png_image(image: Image.Image) -> CheckedImage:
-    """A PIL image encoded as PNG; its size is the image's own."""
-    return CheckedImage(encode_png(image), "image/png", image.width, image.height)
+    """A PIL image encoded as PNG; its size is the image's own, and it keeps the pixels."""
+    pixels = image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+    return CheckedImage(encode_png(pixels), "image/png", image.width, image.height, pixels=pixels)
 
 
-class ImageStore:
-    """Images stored once by their sha256 under ``root``; a reference can only name a hash."""
+def image_ref(image: CheckedImage) -> ImageRef:
+    """The reference that names ``image``: its sha256, media type and size."""
+    return ImageRef(
+        sha256=image.sha256,
+        media_type=image.media_type,
+        width=image.width,
+        height=image.height,
+    )
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        # Writes are staged in one folder, so finding a killed write's leftovers is one listing.
-        self.staging = self.root / STAGING_DIR
+
+class ImageStorage(abc.ABC):
+    """What runs, renderers and gc need of an image store: images stored once by sha256.
+
+    Every method blocks (files, a database): async code calls them through a worker thread.
+    ``put_checked`` returns only once the image is durable, so a checkpoint written after it
+    never names an image a crash could lose; ``read`` verifies the bytes against the hash.
+    Implementations: :class:`ImageStore` (files under a folder, ``file://``) and
+    ``storage.postgres_images.PostgresImageStore`` (a table, ``postgresql://``).
+    """
+
+    @property
+    @abc.abstractmethod
+    def location(self) -> str:
+        """Where the images are, as messages name it (a folder, or a URL without password)."""
+
+    @abc.abstractmethod
+    def put_checked(self, image: CheckedImage) -> ImageRef:
+        """Store an image already decoded or encoded by :func:`check_image` or :func:`png_image`."""
+
+    @abc.abstractmethod
+    def read(self, ref: ImageRef) -> bytes:
+        """The bytes of ``ref``, verified against its hash; ImageError if missing or damaged."""
+
+    @abc.abstractmethod
+    def find(self, sha256: str) -> ImageRef:
+        """The reference of a stored image known only by its hash (as an agent would name it)."""
+
+    @abc.abstractmethod
+    def contains(self, ref: ImageRef) -> bool:
+        """Whether the store holds ``ref`` intact."""
+
+    @abc.abstractmethod
+    def touch(self, ref: ImageRef) -> bool:
+        """Mark ``ref`` as just used (gc keeps young images); False if it is not stored."""
 
     def sweep_abandoned_writes(self) -> list[Path]:
-        """Remove half-written images that killed processes left behind."""
-        return sweep_abandoned_writes(self.staging)
-
-    def path_for(self, ref: ImageRef) -> Path:
-        # ImageRef validates the digest and media type, so nothing user-supplied reaches the path.
-        return self.root / ref.sha256[:2] / f"{ref.sha256}{MEDIA_SUFFIXES[ref.media_type]}"
+        """Remove half-written images that killed processes left behind (none by default)."""
+        return []
 
     def put(self, data: bytes, *, what: str = "image") -> ImageRef:
         """Store encoded image bytes (PNG, JPEG or WebP) and return their reference."""
@@ -315,18 +435,70 @@ class ImageStore:
         """Store a user's image as the models will see it (see :func:`normalise_input`)."""
         return self.put_checked(normalise_input(data, what=what))
 
+    def put_image(self, image: Image.Image) -> ImageRef:
+        """Store a PIL image as PNG."""
+        return self.put_checked(png_image(image))
+
+    def open(self, ref: ImageRef) -> Image.Image:
+        """The image of ``ref`` as a loaded PIL image (from memory when this process has just
+        encoded or read it)."""
+        recalled = _recalled((self.location, ref.sha256))
+        if recalled is not None:
+            return recalled
+        image = Image.open(io.BytesIO(self.read(ref)))
+        image.load()
+        remember_decoded((self.location, ref.sha256), image)
+        return image.copy()
+
+    def as_base64(self, ref: ImageRef) -> str:
+        """The verified bytes of ``ref`` as base64 text (from memory when this process stored
+        or read it recently), for the models' messages and the HTML page."""
+        kept = _recalled_encoded((self.location, ref.sha256))
+        if kept is not None:
+            return kept[1]
+        return _remember_encoded(self.location, ref, self.read(ref))
+
+    def recent(self, sha256: str) -> ImageRef | None:
+        """The reference of an image this process stored or encoded recently; None otherwise."""
+        kept = _recalled_encoded((self.location, sha256))
+        return None if kept is None else kept[0]
+
+    def stored(self, ref: ImageRef, image: CheckedImage) -> ImageRef:
+        """``ref`` after ``image`` was stored: its pixels, when at hand (an image generated in
+        this process), are kept for ``open``, and its base64 form for the critic's message."""
+        if image.pixels is not None:
+            remember_decoded((self.location, ref.sha256), image.pixels)
+            _remember_encoded(self.location, ref, image.data)
+        return ref
+
+
+class ImageStore(ImageStorage):
+    """Images stored once by their sha256 under ``root``; a reference can only name a hash."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        # Writes are staged in one folder, so finding a killed write's leftovers is one listing.
+        self.staging = self.root / STAGING_DIR
+
+    @property
+    def location(self) -> str:
+        return f"the image store at {self.root}"
+
+    def sweep_abandoned_writes(self) -> list[Path]:
+        """Remove half-written images that killed processes left behind."""
+        return sweep_abandoned_writes(self.staging)
+
+    def path_for(self, ref: ImageRef) -> Path:
+        # ImageRef validates the digest and media type, so nothing user-supplied reaches the path.
+        return self.root / ref.sha256[:2] / f"{ref.sha256}{MEDIA_SUFFIXES[ref.media_type]}"
+
     def put_checked(self, image: CheckedImage) -> ImageRef:
         """Store an image already decoded or encoded by :func:`check_image` or :func:`png_image`."""
-        ref = ImageRef(
-            sha256=hashlib.sha256(image.data).hexdigest(),
-            media_type=image.media_type,
-            width=image.width,
-            height=image.height,
-        )
+        ref = image_ref(image)
         path = self.path_for(ref)
         if not self._reuse(path, ref):
             write_atomically(path, image.data, staging=self.staging)
-        return ref
+        return self.stored(ref, image)
 
     def _reuse(self, path: Path, ref: ImageRef) -> bool:
         """Whether ``path`` already holds ``ref``; if so its time is set to now.
@@ -348,9 +520,14 @@ class ImageStore:
             pass
         return True
 
-    def put_image(self, image: Image.Image) -> ImageRef:
-        """Store a PIL image as PNG."""
-        return self.put_checked(png_image(image))
+    def touch(self, ref: ImageRef) -> bool:
+        try:
+            os.utime(self.path_for(ref))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            pass  # another user's file in a shared store: it is there, only not ours to touch
+        return True
 
     def read(self, ref: ImageRef) -> bytes:
         """The bytes of ``ref``, verified against its hash."""
@@ -362,12 +539,6 @@ class ImageStore:
                 hint="the run directory was moved or cleaned; point --run-dir at the original",
             ) from exc
 
-    def open(self, ref: ImageRef) -> Image.Image:
-        """The image of ``ref`` as a loaded PIL image."""
-        image = Image.open(io.BytesIO(self.read(ref)))
-        image.load()
-        return image
-
     def find(self, sha256: str) -> ImageRef:
         """The reference of a stored image known only by its hash (as an agent would name it)."""
         if not SHA256_PATTERN.fullmatch(sha256):
@@ -377,8 +548,7 @@ class ImageStore:
         for suffix in MEDIA_SUFFIXES.values():
             path = self.root / sha256[:2] / f"{sha256}{suffix}"
             if path.is_file():
-                media, width, height = inspect_image(self.read_path(path, sha256))
-                return ImageRef(sha256=sha256, media_type=media, width=width, height=height)
+                return ImageRef(sha256=sha256, **_header(self.read_path(path, sha256)))
         raise ImageError(
             f"no image {sha256[:12]} in the image store at {self.root}",
             hint="pass the hash of an image this store produced",
@@ -402,6 +572,14 @@ class ImageStore:
         return hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256
 
 
-def blank_canvas(store: ImageStore, width: int, height: int) -> ImageRef:
+def _header(data: bytes) -> dict[str, object]:
+    """Media type and size of stored bytes, from the header alone: they were checked whole
+    when stored and their hash was just verified, so no second full decode is needed."""
+    with Image.open(io.BytesIO(data)) as image:
+        return {"media_type": _PIL_MEDIA_TYPES[image.format or ""], "width": image.width,
+                "height": image.height}
+
+
+def blank_canvas(store: ImageStorage, width: int, height: int) -> ImageRef:
     """A white image of the given size: the 'previous image' the critic sees before step 1."""
     return store.put_image(Image.new("RGB", (width, height), "white"))
