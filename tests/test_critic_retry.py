@@ -63,6 +63,9 @@ class CountingCritic(ScriptedChatModel):
     wait_for_others: int = 0
     slow_others: float = 0.0
     answered: int = 0
+    # When set, "answered" means the verdict is recorded in this run directory, not only
+    # returned: a permanent failure cancels the calls still in flight at once.
+    run_dir: Path | None = None
 
     async def _agenerate(self, messages: list[BaseMessage], stop: Any = None,
                          run_manager: Any = None, **kwargs: Any) -> ChatResult:
@@ -72,12 +75,16 @@ class CountingCritic(ScriptedChatModel):
         error, times = self.failing.get(number, (None, 0))
         if error is not None and self.per_step[number] <= times:
             async with asyncio.timeout(5):
-                while self.answered < self.wait_for_others:
+                while self._answered() < self.wait_for_others:
                     await asyncio.sleep(0.005)
             raise error
         await asyncio.sleep(self.slow_others)
         self.answered += 1
         return ChatResult(generations=[ChatGeneration(message=AIMessage(verdict_reply(True)))])
+
+
+    def _answered(self) -> int:
+        return self.answered if self.run_dir is None else len(verdict_files(self.run_dir))
 
 
 def counting_critic(**fields: Any) -> CountingCritic:
@@ -163,7 +170,9 @@ async def test_a_permanent_failure_keeps_the_other_verdicts_for_the_resume(
 ) -> None:
     # Step 2's call fails for good (after the others answered): the run stops; the resume, with
     # the critic fixed, asks only about step 2.
-    broken = counting_critic(failing={2: (ValueError("bad request"), 99)}, wait_for_others=2)
+    broken = counting_critic(
+        failing={2: (ValueError("bad request"), 99)}, wait_for_others=2, run_dir=run_dir
+    )
     with pytest.raises(ModelCallError):
         await arun("three pictures", backends=backends(broken), options=small(),
                    run_dir=run_dir, checkpointer=ckpt, thread_id="broken-critic")

@@ -300,10 +300,12 @@ async def arun_batch(
                             graph, thread_id, request, settings, context, callbacks=callbacks
                         )
                     page = workspace.write_document_page(thread_id, document)
-                outcome = PromptOutcome(
-                    item.prompt.id, item.line, thread_id, "done", str(page),
-                    generator_calls=document.generator_calls,
-                )
+                    # Recorded before the lease is let go: a cancel landing while it is released
+                    # must not report a finished thread as stopped.
+                    outcome = finished[item.line] = PromptOutcome(
+                        item.prompt.id, item.line, thread_id, "done", str(page),
+                        generator_calls=document.generator_calls,
+                    )
             except (InterleaveError, ValidationError, OSError) as exc:
                 # One prompt's failure is recorded and the others go on.
                 message = exc.message if isinstance(exc, InterleaveError) else one_line(exc)
