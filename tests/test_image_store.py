@@ -421,3 +421,26 @@ def base64_of(store: ImageStore, ref: ImageRef) -> str:
     import base64
 
     return base64.b64encode(store.read(ref)).decode("ascii")
+
+
+def test_the_preview_of_an_image_stored_here_needs_no_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HTML page's thumbnails come from previews made while the pixels were at hand; an
+    image stored elsewhere gets its preview from a decode, once."""
+    store = ImageStore(tmp_path)
+    ref = store.put_image(Image.new("RGB", (640, 480), (10, 120, 30)))
+    calls = []
+    real_open = ImageStore.open
+
+    def counting_open(self: ImageStore, wanted: ImageRef) -> Image.Image:
+        calls.append(wanted.sha256)
+        return real_open(self, wanted)
+
+    monkeypatch.setattr(ImageStore, "open", counting_open)
+    preview = store.preview(ref)
+    assert (preview.width, preview.height) == (320, 240) and calls == []
+    assert Image.open(io.BytesIO(preview.jpeg)).format == "JPEG"
+    other = ImageStore(tmp_path / "copy")
+    copied = other.put(store.read(ref))  # bytes only: no pixels at hand
+    assert other.preview(copied) == other.preview(copied) and calls == [copied.sha256]
