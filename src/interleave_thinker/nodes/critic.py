@@ -13,7 +13,7 @@ from langgraph.runtime import Runtime
 from interleave_thinker.context import Context, model_identity, model_label
 from interleave_thinker.errors import ModelOutputError
 from interleave_thinker.events import NextAttempt, Verdict
-from interleave_thinker.models.messages import ImageInliningChatModel, image_block
+from interleave_thinker.models.messages import ImageInliningChatModel
 from interleave_thinker.nodes.asking import ask_until_parsed, for_output_mode
 from interleave_thinker.nodes.common import emit, emit_committed, position, thread_of
 from interleave_thinker.nodes.retrying import is_transient, try_label
@@ -215,14 +215,7 @@ async def _question(
     previous = sources[0] if sources else await asyncio.to_thread(
         blank_canvas, runtime.context.image_store, attempt.image.width, attempt.image.height
     )
-    messages = runtime.context.prompts.critic_messages(
-        step_name=step.name,
-        instruction=step.instruction,
-        planned_prompt=step.prompt or "",
-        used_prompt=attempt.prompt,
-        previous_image=image_block(previous),
-        candidate_image=image_block(attempt.image),
-    )
+    messages = runtime.context.prompts.attempt_messages(step, attempt, previous)
     # The messages name both images by hash and carry both prompts: with the critic and the
     # output mode they are the whole question, so any change to it is a new key.
     key = verdict_key(

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
 from interleave_thinker.errors import ConfigurationError
+from interleave_thinker.models.messages import image_block
 from interleave_thinker.prompts import templates
 from interleave_thinker.prompts.official import (
     FETCH_COMMAND,
@@ -28,6 +29,7 @@ from interleave_thinker.prompts.official import (
     read_official_templates,
     recorded_clone,
 )
+from interleave_thinker.state import Attempt, ImageRef, Step
 
 What = Literal["plan", "verdict"]
 
@@ -79,6 +81,19 @@ class PromptPack(ABC):
         candidate_image: dict,
     ) -> list[BaseMessage]:
         """The critic's input for one attempt: previous image, candidate, both prompts."""
+
+    def attempt_messages(self, step: Step, attempt: Attempt, previous: ImageRef) -> list[BaseMessage]:
+        """The critic's question about ``attempt`` of ``step``; ``previous`` is the image the step
+        edits, or the blank canvas before the first image. The critic node and the training
+        export both build it here, so training and inference inputs cannot drift apart."""
+        return self.critic_messages(
+            step_name=step.name,
+            instruction=step.instruction,
+            planned_prompt=step.prompt or "",
+            used_prompt=attempt.prompt,
+            previous_image=image_block(previous),
+            candidate_image=image_block(attempt.image),
+        )
 
     @abstractmethod
     def reask_message(self, error: str, *, what: What) -> HumanMessage | None:

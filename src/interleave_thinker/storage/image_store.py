@@ -643,6 +643,11 @@ def _header(data: bytes) -> dict[str, object]:
                 "height": image.height}
 
 
+def blank_image(width: int, height: int) -> Image.Image:
+    """The white image the critic sees as the 'previous image' before step 1."""
+    return Image.new("RGB", (width, height), "white")
+
+
 def blank_canvas(store: ImageStorage, width: int, height: int) -> ImageRef:
-    """A white image of the given size: the 'previous image' the critic sees before step 1."""
-    return store.put_image(Image.new("RGB", (width, height), "white"))
+    """:func:`blank_image` of the given size, stored."""
+    return store.put_image(blank_image(width, height))

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from langchain_core.messages import BaseMessage
-from PIL import Image
 
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.models.messages import image_block
@@ -31,7 +30,7 @@ from interleave_thinker.prompts.packs import (
 )
 from interleave_thinker.prompts.parsing import MAX_REASONING_CHARS
 from interleave_thinker.state import Attempt, Critique, ImageRef, Plan, Step
-from interleave_thinker.storage.image_store import CheckedImage, image_ref, png_image
+from interleave_thinker.storage.image_store import CheckedImage, blank_image, image_ref, png_image
 from interleave_thinker.training.threads import Trajectory
 
 # What parse_verdict appends to a reasoning it had to cut: such a sample would teach the marker.
@@ -180,7 +179,7 @@ def critic_reply(critique: Critique, *, used_prompt: str, pack: PromptPack) -> s
 def white_canvas(width: int, height: int) -> tuple[ImageRef, CheckedImage]:
     """The white canvas the critic sees before the first step, byte for byte the one the graph
     stores (``storage.image_store.blank_canvas``), made here without writing to the store."""
-    checked = png_image(Image.new("RGB", (width, height), "white"))
+    checked = png_image(blank_image(width, height))
     return image_ref(checked), checked
 
 
@@ -232,14 +231,7 @@ def critic_samples(
             canvas = None
             if previous is None:
                 previous, canvas = white_canvas(attempt.image.width, attempt.image.height)
-            messages = pack.critic_messages(
-                step_name=step.name,
-                instruction=step.instruction,
-                planned_prompt=step.prompt or "",
-                used_prompt=attempt.prompt,
-                previous_image=image_block(previous),
-                candidate_image=image_block(attempt.image),
-            )
+            messages = pack.attempt_messages(step, attempt, previous)
             yield CriticSample(
                 thread_id=trajectory.thread_id, step=step, status=item.status, attempt=attempt,
                 critique=critique, previous=previous, canvas=canvas, messages=messages,
