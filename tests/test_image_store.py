@@ -429,7 +429,7 @@ def test_the_preview_of_an_image_stored_here_needs_no_decode(
     """The HTML page's thumbnails come from previews made while the pixels were at hand; an
     image stored elsewhere gets its preview from a decode, once."""
     store = ImageStore(tmp_path)
-    ref = store.put_image(Image.new("RGB", (640, 480), (10, 120, 30)))
+    ref = store.put_image(Image.new("RGB", (1024, 768), (10, 120, 30)))
     calls = []
     real_open = ImageStore.open
 
@@ -439,8 +439,74 @@ def test_the_preview_of_an_image_stored_here_needs_no_decode(
 
     monkeypatch.setattr(ImageStore, "open", counting_open)
     preview = store.preview(ref)
-    assert (preview.width, preview.height) == (320, 240) and calls == []
+    # Reduced by a whole factor (3), so never under the 320 px the page shows at twice its size.
+    assert (preview.width, preview.height) == (342, 256) and calls == []
     assert Image.open(io.BytesIO(preview.jpeg)).format == "JPEG"
     other = ImageStore(tmp_path / "copy")
     copied = other.put(store.read(ref))  # bytes only: no pixels at hand
     assert other.preview(copied) == other.preview(copied) and calls == [copied.sha256]
+
+
+def test_the_base64_and_preview_are_made_while_the_image_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generated image's base64 text and preview are made on a worker thread during the write
+    and sync, not after them: the write below waits for the worker to have started."""
+    import threading
+
+    started = threading.Event()
+    real_derive, real_write = image_store._derive, image_store.write_atomically
+
+    def derive(*args: object) -> object:
+        started.set()
+        return real_derive(*args)  # type: ignore[arg-type]
+
+    def write(*args: object, **kwargs: object) -> None:
+        assert started.wait(10), "nothing was derived while the image was being written"
+        real_write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(image_store, "_derive", derive)
+    monkeypatch.setattr(image_store, "write_atomically", write)
+    store = ImageStore(tmp_path)
+    ref = store.put_image(Image.new("RGB", (800, 600), (30, 60, 90)))
+    monkeypatch.setattr(ImageStore, "read_path", lambda *args: pytest.fail("read from disk"))
+    assert store.recent(ref.sha256) == ref
+    assert (store.preview(ref).width, store.preview(ref).height) == (400, 300)
+
+
+def test_an_image_whose_write_failed_is_never_found_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the worker made of an image is kept only once the image is stored: after a failed
+    write the store neither claims the image nor serves its base64."""
+    store = ImageStore(tmp_path)
+    image = Image.new("RGB", (700, 500), (90, 10, 200))
+    monkeypatch.setattr(os, "replace", _crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        store.put_image(image)
+    monkeypatch.undo()
+    sha256 = image_store.png_image(image).sha256
+    assert store.recent(sha256) is None
+    with pytest.raises(ImageError, match="no image"):
+        store.find(sha256)
+    assert store.recent(store.put_image(image).sha256) is not None
+
+
+def test_a_forked_child_stores_and_previews_with_its_own_workers(tmp_path: Path) -> None:
+    """The worker threads are the parent's: a forked child (a DataLoader worker, a
+    multiprocessing pool) starts its own instead of waiting for threads it does not have."""
+    import multiprocessing
+
+    store = ImageStore(tmp_path)
+    store.put_image(Image.new("RGB", (640, 640), (1, 1, 1)))  # the parent's workers are running
+    child = multiprocessing.get_context("fork").Process(target=_store_in_child, args=(tmp_path,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert len(files_under(tmp_path)) == 2
+
+
+def _store_in_child(root: Path) -> None:
+    store = ImageStore(root)
+    ref = store.put_image(Image.new("RGB", (640, 640), (2, 2, 2)))
+    assert store.recent(ref.sha256) == ref and store.preview(ref).width == 320

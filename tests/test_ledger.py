@@ -164,3 +164,41 @@ def test_key_that_is_not_a_sha256_is_refused(
     with pytest.raises(ValueError, match="not a sha256 hex digest"):
         ledger.record(key, ref)
     assert not ledger.root.exists()
+
+
+def test_images_are_synced_before_their_rename_and_records_are_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image must be on disk before any checkpoint names it; a ledger or verdict record only
+    saves work (one a power cut loses, or leaves empty, reads as never written: see
+    test_damaged_ledger_file_is_none), so it is written atomically but not synced."""
+    import os
+
+    from interleave_thinker.state import Critique
+    from interleave_thinker.storage import atomic
+    from interleave_thinker.storage.verdicts import VerdictLedger, verdict_key
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", recording_fsync)
+    store = ImageStore(tmp_path / "images")
+    ledger = GenerationLedger(tmp_path / "generations", store)
+    verdicts = VerdictLedger(tmp_path / "verdicts")
+    ref = store.put(png("blue"))
+    # The image's bytes (in the staging folder, before the rename) and then its folder.
+    data, folder = (Path(path) for path in synced)
+    assert (data.parent.name, folder) == (".incoming", store.path_for(ref).parent)
+    synced.clear()
+    key = generation_key(**FIELDS)
+    ledger.record(key, ref, thread_id="t-1")
+    question = verdict_key(thread="t-1", step=1, attempt=1)
+    verdicts.record(question, Critique(success=True), thread_id="t-1")
+    assert synced == []
+    assert ledger.lookup(key) == ref
+    record = verdicts.lookup(question)
+    assert record is not None and record.critique.success

@@ -229,7 +229,7 @@ def test_the_graph_retries_with_the_documented_backoff() -> None:
     # fixture's); the review nodes (people, not models) have none.
     graph = build_graph()
     for name in ("planner", "generator", "critic"):
-        assert graph.builder.nodes[name].retry_policy is retrying.MODEL_RETRY
+        assert graph.builder.nodes[name].retry_policy == retrying.MODEL_RETRY
     assert graph.builder.nodes["review_plan"].retry_policy is None
 
 

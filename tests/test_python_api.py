@@ -297,6 +297,20 @@ async def test_partial_inputs_and_a_missing_context_are_refused_by_name(tmp_path
     assert [step.status for step in state["document"].steps] == ["accepted", "accepted"]
 
 
+async def test_each_build_graph_has_its_own_saver_and_threads_stay_apart(tmp_path: Path) -> None:
+    """The graph is compiled once per process and copied per call: each copy keeps the saver it
+    was given, and a graph built without one has none."""
+    context = make_context(tmp_path, profile="test")
+    first_saver, second_saver = InMemorySaver(serde=make_serializer()), InMemorySaver(serde=make_serializer())
+    first, second = build_graph(checkpointer=first_saver), build_graph(checkpointer=second_saver)
+    assert first is not second and build_graph().checkpointer is None
+    assert (first.checkpointer, second.checkpointer) == (first_saver, second_saver)
+    config = {"configurable": {"thread_id": "only-in-first"}}
+    await first.ainvoke(make_input(STORY, context=context, options=SMALL), config, context=context)
+    assert (await first.aget_state(config)).values["document"].steps
+    assert not (await second.aget_state(config)).values
+
+
 def test_make_input_refuses_what_run_refuses(tmp_path: Path) -> None:
     context = make_context(tmp_path, profile="test")
     with pytest.raises(ConfigurationError, match=r"must be an interleave_thinker\.Context"):

@@ -415,6 +415,28 @@ def test_large_attempt_images_are_thumbnails_and_the_final_image_is_full_size(
     for thumb in thumbs:
         assert thumb["src"].startswith("data:image/jpeg;base64,")
         with Image.open(io.BytesIO(base64.b64decode(thumb["src"].split(",", 1)[1]))) as small:
-            assert small.size == (320, 240) == (int(thumb["width"]), int(thumb["height"]))
+            assert small.size == (342, 256) == (int(thumb["width"]), int(thumb["height"]))
     # The page carries each full-size image once: the final one only.
     assert page.count(_data_uri(store, final)) == 1 and _data_uri(store, rejected) not in page
+
+
+def test_text_that_looks_like_an_image_placeholder_stays_text(store: ImageStore, tmp_path: Path) -> None:
+    """The page is assembled with a NUL-delimited placeholder per full-size image; model text
+    that imitates one is escaped like any control character and never pulls image data in."""
+    plain = _document(store)
+    imitation = "\x000\x00 \x001\x00"
+    first = plain.steps[0]
+    step = first.model_copy(update={"text": f"Told: {imitation}", "name": imitation})
+    document = plain.model_copy(update={"steps": (step, *plain.steps[1:])})
+    page = render_html(document, store, thread_id="t")
+    assert "\x00" not in page
+    assert "Told: \ufffd0\ufffd \ufffd1\ufffd" in page
+    # Every image is where it was without the imitation, and nowhere else.
+    assert _img_sources(page) == _img_sources(render_html(plain, store, thread_id="t"))
+    # Written in pieces or rendered as one string, the page is the same.
+    out = export_document(document, store, thread_id="t", fmt="html", out=tmp_path / "d.html")
+    assert out.read_text(encoding="utf-8") == page
+
+
+def _img_sources(page: str) -> list[str]:
+    return [dict(attrs)["src"] or "" for tag, attrs in parse_page(page).starts if tag == "img"]

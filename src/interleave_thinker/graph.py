@@ -11,6 +11,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
+from langgraph.types import RetryPolicy
 
 from interleave_thinker.context import Context
 from interleave_thinker.errors import ConfigurationError
@@ -163,10 +164,21 @@ def build_graph(
     *, checkpointer: BaseCheckpointSaver | None = None
 ) -> CompiledStateGraph[TrajectoryState, Context]:
     """The compiled trajectory graph; pass a checkpointer to make runs resumable."""
+    # Compiling costs about 9 ms (LangGraph inspects every node), and every run opens a graph on
+    # its own saver: the graph is compiled once per process and copied with the saver, as
+    # LangGraph servers attach theirs. The copy drops the msgpack allowlist that compile()
+    # collected (used with LANGGRAPH_STRICT_MSGPACK), so it is carried over.
+    compiled = _compiled_graph(retrying.MODEL_RETRY)
+    graph = compiled.copy(update={"checkpointer": checkpointer})
+    graph._serde_allowlist = compiled._serde_allowlist
+    return graph
+
+
+@functools.cache
+def _compiled_graph(policy: RetryPolicy) -> CompiledStateGraph[TrajectoryState, Context]:
     builder = StateGraph(TrajectoryState, context_schema=Context)
     # Transient failures (overload, lost connections, calls past their timeout) are retried
-    # with exponential backoff; the nodes re-ask unreadable output themselves.
-    policy = retrying.MODEL_RETRY
+    # with exponential backoff (``policy``); the nodes re-ask unreadable output themselves.
     builder.add_node("planner", _checked(plan_trajectory), retry_policy=policy)
     builder.add_node("generator", _checked(generate_images), retry_policy=policy)
     builder.add_node("critic", _checked(judge_attempts), retry_policy=policy)
@@ -188,4 +200,4 @@ def build_graph(
         "review_forced", _next_after_planning_or_critique, ["generator", "compose"]
     )
     builder.add_edge("compose", END)
-    return builder.compile(checkpointer=checkpointer, name=GRAPH_NAME)
+    return builder.compile(name=GRAPH_NAME)

@@ -23,7 +23,7 @@ from interleave_thinker.errors import ConfigurationError, ImageError, UnknownThr
 from interleave_thinker.graph import build_graph
 from interleave_thinker.input_files import read_user_file, shown_path
 from interleave_thinker.prompts.packs import InterleavePack, PromptPack
-from interleave_thinker.render.html import render_html
+from interleave_thinker.render.html import render_html_chunks
 from interleave_thinker.settings import redact_url
 from interleave_thinker.state import Document, ImageRef, TrajectoryState
 from interleave_thinker.storage.atomic import STAGING_DIR, sweep_abandoned_writes, write_atomically
@@ -119,11 +119,13 @@ class Workspace:
         """Render ``document`` as HTML to its place under ``documents/``, atomically."""
         path = self.document_path(thread_id)
         try:
-            html = render_html(document, self.image_store, thread_id=thread_id)
+            # Rendered while written: the images are read (and their hashes checked) first,
+            # so a missing or damaged image stops the write before any file is made.
+            page = list(render_html_chunks(document, self.image_store, thread_id=thread_id))
             # A page write a killed run left half-done is cleared first (a finished thread's
             # resume writes only this page, without opening a Context).
             sweep_abandoned_writes(self.documents_staging)
-            write_atomically(path, html.encode("utf-8"), staging=self.documents_staging)
+            write_atomically(path, page, staging=self.documents_staging)
         except OSError as exc:
             # The thread is finished and checkpointed: only the page is missing.
             failed = file_error(

@@ -9,7 +9,7 @@ from typing import Literal, get_args
 
 from interleave_thinker.errors import ConfigurationError
 from interleave_thinker.input_files import shown_path
-from interleave_thinker.render.html import render_html, validated_ref
+from interleave_thinker.render.html import render_html_chunks, validated_ref
 from interleave_thinker.render.json_doc import document_json
 from interleave_thinker.render.markdown import render_markdown
 from interleave_thinker.state import MEDIA_SUFFIXES, Document, ImageRef
@@ -110,23 +110,24 @@ def export_document(
     _refuse_protected(out, protected)
     _refuse_file_as_folder(out)
     try:
+        data: bytes | list[bytes]
         if fmt == "html":
-            text = render_html(document, store, thread_id=thread_id)
+            data = list(render_html_chunks(document, store, thread_id=thread_id))
         elif fmt == "md":
             folder = images_folder(out)
             _refuse_protected(folder, protected)
             names = _image_names(document)
             paths = {sha: f"{folder.name}/{name}" for sha, (_, name) in names.items()}
-            text = render_markdown(document, image_paths=paths, thread_id=thread_id)
+            data = render_markdown(document, image_paths=paths, thread_id=thread_id).encode("utf-8")
             # Images before the page, so that a written Markdown file never links a missing image.
             _copy_images(names, store, folder)
         elif fmt == "json":
-            text = document_json(document, thread_id=thread_id)
+            data = document_json(document, thread_id=thread_id).encode("utf-8")
         else:
             raise ConfigurationError(
                 f"unknown export format {fmt!r}", hint=f"use one of {', '.join(EXPORT_FORMATS)}"
             )
-        write_atomically(out, text.encode("utf-8"))
+        write_atomically(out, data)
     except OSError as exc:
         # A parent that is a file, a read-only folder, a full disk: one line, not a traceback.
         raise ConfigurationError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Iterator
 from html import escape
 
 from pydantic import ValidationError
@@ -129,22 +130,42 @@ def validated_ref(ref: ImageRef) -> ImageRef:
 THUMB_PIXELS = PREVIEW_PIXELS
 
 
+_SLOT = re.compile(r"\x00(\d+)\x00")
+
+
 class _Embedder:
-    """Builds data URIs, reading and encoding each distinct image once."""
+    """Builds data URIs, reading and encoding each distinct image once.
+
+    The markup holds a short placeholder for each full-size image's base64 text (megabytes per
+    image), so that the page's text is put together, and the page written, without copying
+    that text again: :meth:`chunks` puts it back in while writing.
+    """
 
     def __init__(self, store: ImageStorage) -> None:
         self._store = store
         self._encoded: dict[str, str] = {}
         self._thumbs: dict[str, tuple[str, int, int]] = {}
+        # The placeholders are NUL-delimited: escaped text never holds a NUL (see _e).
+        self._payloads: list[str] = []
+        self._slots: dict[str, str] = {}
 
     def uri(self, ref: ImageRef) -> str:
         ref = validated_ref(ref)
-        encoded = self._encoded.get(ref.sha256)
-        if encoded is None:
-            encoded = self._store.as_base64(ref)
-            self._encoded[ref.sha256] = encoded
+        slot = self._slots.get(ref.sha256)
+        if slot is None:
+            self._payloads.append(self._store.as_base64(ref))
+            slot = self._slots[ref.sha256] = f"\x00{len(self._payloads) - 1}\x00"
         # The media type is one of a fixed set and base64 needs no escaping in an attribute.
-        return f"data:{ref.media_type};base64,{encoded}"
+        return f"data:{ref.media_type};base64,{slot}"
+
+    def chunks(self, markup: str) -> Iterator[bytes]:
+        """``markup`` as UTF-8 bytes, with the image data put back in place of placeholders."""
+        for index, part in enumerate(_SLOT.split(markup)):
+            if index % 2:
+                yield self._payloads[int(part)].encode("ascii")
+            elif part:
+                yield part.encode("utf-8")
+
 
     def img(self, ref: ImageRef, alt: str, css_class: str = "") -> str:
         class_attr = f' class="{_e(css_class)}"' if css_class else ""
@@ -288,7 +309,17 @@ def _step(step: DocumentStep, embed: _Embedder) -> str:
 
 def render_html(document: Document, store: ImageStorage, *, thread_id: str) -> str:
     """The document as one HTML5 page that needs no network, no files and no JavaScript."""
+    return b"".join(render_html_chunks(document, store, thread_id=thread_id)).decode("utf-8")
+
+
+def render_html_chunks(document: Document, store: ImageStorage, *, thread_id: str) -> Iterator[bytes]:
+    """:func:`render_html` as UTF-8 bytes in pieces, to write to a file one after the other:
+    a page of 1024x1024 images is megabytes of base64, copied once less than as one string."""
     embed = _Embedder(store)
+    return embed.chunks(_markup(document, embed, thread_id))
+
+
+def _markup(document: Document, embed: _Embedder, thread_id: str) -> str:
     steps = "\n".join(_step(step, embed) for step in document.steps)
     return (
         "<!DOCTYPE html>\n"

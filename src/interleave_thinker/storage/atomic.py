@@ -7,6 +7,7 @@ import re
 import socket
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -36,11 +37,17 @@ def temp_file_prefix() -> str:
     return f"{TEMP_PREFIX}{host_name()}-{os.getpid()}-"
 
 
-def write_atomically(path: Path, data: bytes, *, staging: Path | None = None) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either no file or the whole file.
+def write_atomically(
+    path: Path, data: bytes | Iterable[bytes], *, staging: Path | None = None, durable: bool = True
+) -> None:
+    """Write ``data`` (bytes, or pieces of bytes written one after the other) to ``path`` so
+    that a crash leaves either no file or the whole file.
 
     The data goes to a temp file first (in ``staging`` if given, on the same file system,
-    else beside ``path``), is synced, then renamed into place.
+    else beside ``path``), is synced, then renamed into place. ``durable=False`` skips both
+    syncs, for records that only save work (the ledgers): a killed process still leaves the
+    whole file or none, and a power cut may lose the newest ones, which their readers treat as
+    never written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_dir = staging or path.parent
@@ -49,13 +56,19 @@ def write_atomically(path: Path, data: bytes, *, staging: Path | None = None) ->
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if isinstance(data, bytes | bytearray | memoryview):
+                handle.write(data)
+            else:
+                handle.writelines(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     # The rename itself must reach the disk, or a power cut can undo it.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -100,4 +100,7 @@ class GenerationLedger:
     def record(self, key: str, ref: ImageRef, *, thread_id: str | None = None) -> None:
         """Record that the call ``key`` of thread ``thread_id`` produced ``ref``."""
         data = LedgerRecord(thread_id=thread_id, image=ref).model_dump_json().encode()
-        write_atomically(self._path(key), data, staging=self.staging)
+        # Not synced: the image itself already is, and a record a power cut loses only means
+        # drawing that image again (a process crash keeps it). The checkpoints, on SQLite's
+        # WAL with synchronous=NORMAL, make the same trade.
+        write_atomically(self._path(key), data, staging=self.staging, durable=False)

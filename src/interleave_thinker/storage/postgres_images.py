@@ -403,8 +403,9 @@ class PostgresImageStore(ImageStorage):
     def put_checked(self, image: CheckedImage) -> ImageRef:
         ref = image_ref(image)
         params = (ref.sha256, ref.media_type, ref.width, ref.height, image.data)
+        derived = self.deriving(image)
         self.database.run(lambda conn: conn.execute(_PUT_IMAGE, params))
-        return self.stored(ref, image)
+        return self.stored(ref, image, derived)
 
     def read(self, ref: ImageRef) -> bytes:
         query = f"SELECT data FROM {IMAGES_TABLE} WHERE sha256 = %s"

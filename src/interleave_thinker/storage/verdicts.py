@@ -128,4 +128,6 @@ class VerdictLedger:
         data = VerdictRecord(
             thread_id=thread_id, step=step, attempt=attempt, critique=critique, seconds=max(0.0, seconds)
         ).model_dump_json().encode()
-        write_atomically(self._path(key), data, staging=self.staging)
+        # Not synced, as the generation ledger's records: losing one to a power cut only means
+        # asking the critic again.
+        write_atomically(self._path(key), data, staging=self.staging, durable=False)
