@@ -44,6 +44,33 @@ def inline_images(messages: Sequence[BaseMessage], store: ImageStorage) -> list[
     return [_inline_message(message, store) for message in messages]
 
 
+def inline_from_memory(messages: Sequence[BaseMessage], store: ImageStorage) -> list[BaseMessage] | None:
+    """:func:`inline_images` when every image the messages name is in ``store``'s memory cache
+    (then no file is read, so the event loop may do it); None as soon as one is not."""
+    inlined: list[BaseMessage] = []
+    for message in messages:
+        if not isinstance(message.content, list):
+            inlined.append(message)
+            continue
+        blocks = []
+        for block in message.content:
+            if _is_reference(block):
+                kept = store.cached_base64(block["file_id"].removeprefix(REF_PREFIX))
+                if kept is None:
+                    return None
+                block = _data_block(kept[0], kept[1], block)
+            blocks.append(block)
+        inlined.append(message.model_copy(update={"content": blocks}))
+    return inlined
+
+
+def _is_reference(block: Any) -> bool:
+    if not (isinstance(block, dict) and block.get("type") == "image"):
+        return False
+    file_id = block.get("file_id")
+    return isinstance(file_id, str) and file_id.startswith(REF_PREFIX)
+
+
 def _inline_message(message: BaseMessage, store: ImageStorage) -> BaseMessage:
     if not isinstance(message.content, list):
         return message
@@ -52,15 +79,18 @@ def _inline_message(message: BaseMessage, store: ImageStorage) -> BaseMessage:
 
 
 def _inline_block(block: Any, store: ImageStorage) -> Any:
-    if not (isinstance(block, dict) and block.get("type") == "image"):
+    if not _is_reference(block):
         return block
-    file_id = block.get("file_id")
-    if not (isinstance(file_id, str) and file_id.startswith(REF_PREFIX)):
-        return block
-    sha256 = file_id.removeprefix(REF_PREFIX)
-    inlined = image_data_block(store, store.recent(sha256) or store.find(sha256))
-    # Layout hints the prompt pack set (max_pixels) travel with the bytes.
-    return inlined | {key: value for key, value in block.items() if key == "max_pixels"}
+    sha256 = block["file_id"].removeprefix(REF_PREFIX)
+    ref = store.recent(sha256) or store.find(sha256)
+    return _data_block(ref, store.as_base64(ref), block)
+
+
+def _data_block(ref: ImageRef, encoded: str, reference: dict[str, Any]) -> dict[str, Any]:
+    """The base64 block that replaces ``reference``; layout hints the prompt pack set
+    (max_pixels) travel with the bytes."""
+    hints = {key: value for key, value in reference.items() if key == "max_pixels"}
+    return {"type": "image", "base64": encoded, "mime_type": ref.media_type, **hints}
 
 
 class ImageInliningChatModel(BaseChatModel):
@@ -101,6 +131,9 @@ class ImageInliningChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        # Reading image files must not block the event loop.
-        inlined = await asyncio.to_thread(inline_images, messages, self.store)
+        # Reading image files must not block the event loop; images this process has just
+        # stored are inlined from memory, with no worker thread to wait for.
+        inlined = inline_from_memory(messages, self.store)
+        if inlined is None:
+            inlined = await asyncio.to_thread(inline_images, messages, self.store)
         return await self.inner._agenerate(inlined, stop=stop, run_manager=run_manager, **kwargs)

@@ -567,8 +567,13 @@ class ImageStorage(abc.ABC):
 
     def recent(self, sha256: str) -> ImageRef | None:
         """The reference of an image this process stored or encoded recently; None otherwise."""
-        kept = _recalled_encoded((self.location, sha256))
+        kept = self.cached_base64(sha256)
         return None if kept is None else kept[0]
+
+    def cached_base64(self, sha256: str) -> tuple[ImageRef, str] | None:
+        """The reference and base64 text of an image this process stored or verified
+        recently, from memory only (never blocks); None otherwise."""
+        return _recalled_encoded((self.location, sha256))
 
     def preview(self, ref: ImageRef) -> Preview:
         """A small JPEG copy of ``ref`` (see :func:`make_preview`), from memory when this
