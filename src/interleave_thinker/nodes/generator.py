@@ -40,7 +40,7 @@ from interleave_thinker.state import (
     identity_without_address,
 )
 from interleave_thinker.storage.image_store import CheckedImage, check_image, png_image
-from interleave_thinker.storage.ledger import GenerationLedger, generation_key
+from interleave_thinker.storage.ledger import generation_key
 
 
 class PlannedCall(NamedTuple):
@@ -95,10 +95,11 @@ async def generate_images(state: TrajectoryState, runtime: Runtime[Context]) -> 
 
     started = time.time()
     requests = [call for call in planned if call.job.step not in repeats]
-    # File I/O goes to a worker thread: the event loop may be serving other runs.
-    reused = await asyncio.to_thread(_recorded_images, context.ledger, requests)
+    # File I/O goes to a worker thread (one trip: the ledger, then the sources of what is left
+    # to draw): the event loop may be serving other runs.
+    reused, jobs = await asyncio.to_thread(_recorded_and_loaded, context, requests)
     to_draw = [call for call in requests if call.key not in reused]
-    drawn = await _draw(context, thread_id, to_draw, try_label(runtime)) if to_draw else {}
+    drawn = await _draw(context, thread_id, to_draw, jobs, try_label(runtime)) if to_draw else {}
     images = {**reused, **drawn}
     seconds = (time.time() - started) / max(1, len(to_draw))
 
@@ -169,14 +170,23 @@ def _planned_call(
     return PlannedCall(job, key, sources)
 
 
-def _recorded_images(ledger: GenerationLedger, planned: Sequence[PlannedCall]) -> dict[str, ImageRef]:
-    """Key -> image of the requests the ledger already holds (blocking: run it in a thread)."""
-    found = {call.key: ledger.lookup(call.key) for call in planned}
-    return {key: ref for key, ref in found.items() if ref is not None}
+def _recorded_and_loaded(
+    context: Context, planned: Sequence[PlannedCall]
+) -> tuple[dict[str, ImageRef], list[GenerationJob]]:
+    """Key -> image of the requests the ledger already holds, and the jobs of the others with
+    their source images opened from the store (blocking: run it in a thread)."""
+    found = {call.key: context.ledger.lookup(call.key) for call in planned}
+    reused = {key: ref for key, ref in found.items() if ref is not None}
+    jobs = [
+        _with_sources(call.job, [context.image_store.open(ref) for ref in call.sources])
+        for call in planned
+        if call.key not in reused
+    ]
+    return reused, jobs
 
 
 async def _draw(
-    context: Context, thread_id: str, to_draw: list[PlannedCall], tries: str
+    context: Context, thread_id: str, to_draw: list[PlannedCall], jobs: list[GenerationJob], tries: str
 ) -> dict[str, ImageRef]:
     """One backend call for the batch, traced as its own run with references only.
 
@@ -198,7 +208,7 @@ async def _draw(
             for call in to_draw
         ],
     }
-    draw_and_store = functools.partial(_draw_and_store, context, thread_id, to_draw, tries)
+    draw_and_store = functools.partial(_draw_and_store, context, thread_id, to_draw, jobs, tries)
     drawn = await RunnableLambda(draw_and_store, name="generator_call").ainvoke(
         summary,
         config={
@@ -215,13 +225,18 @@ async def _draw(
 
 
 async def _draw_and_store(
-    context: Context, thread_id: str, to_draw: list[PlannedCall], tries: str, _summary: dict[str, Any]
+    context: Context,
+    thread_id: str,
+    to_draw: list[PlannedCall],
+    jobs: list[GenerationJob],
+    tries: str,
+    _summary: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """The traced body of a generator call: load the sources, call the backend, check, store."""
+    """The traced body of a generator call: call the backend with ``jobs`` (their sources
+    loaded), check, store."""
     generator = context.backends.generator
     steps = ", ".join(str(call.job.step) for call in to_draw)
     where = f"thread {thread_id}: generator {generator.identity}, step(s) {steps}"
-    jobs = await asyncio.to_thread(_jobs_with_sources, context, to_draw)
     outputs = await _call_backend(
         generator, jobs, context.timeouts.generator, where, tries, f"`interleave resume {thread_id}`"
     )
@@ -244,7 +259,15 @@ async def _check_and_store(
     """Check a backend's outputs, then store and record each image."""
     # PNG encoding and file writes release the GIL: a batch's images are handled in parallel
     # threads, each checked before any is stored.
-    checked = await _checked_outputs(outputs, [call.job for call in to_draw], where)
+    jobs = [call.job for call in to_draw]
+    if len(to_draw) == 1 and isinstance(outputs, list | tuple) and len(outputs) == 1:
+        # One image: checked and stored in one worker-thread trip instead of two.
+        return [
+            await asyncio.to_thread(
+                _check_store_and_record, context, thread_id, to_draw[0], outputs[0], where
+            )
+        ]
+    checked = await _checked_outputs(outputs, jobs, where)
     return list(
         await asyncio.gather(
             *(
@@ -255,12 +278,11 @@ async def _check_and_store(
     )
 
 
-def _jobs_with_sources(context: Context, to_draw: list[PlannedCall]) -> list[GenerationJob]:
-    """The batch's jobs with their source images opened from the store (blocking)."""
-    return [
-        _with_sources(call.job, [context.image_store.open(ref) for ref in call.sources])
-        for call in to_draw
-    ]
+def _check_store_and_record(
+    context: Context, thread_id: str, call: PlannedCall, output: object, where: str
+) -> dict[str, Any]:
+    """:func:`_encoded`, then :func:`_store_and_record`, for a batch of one (blocking)."""
+    return _store_and_record(context, thread_id, call, _encoded(output, call.job, where, _BAD_OUTPUT_HINT))
 
 
 async def _call_backend(
@@ -313,15 +335,18 @@ def _with_sources(job: GenerationJob, images: list[Image.Image]) -> GenerationJo
     return GenerationJob(**{**job.__dict__, "source_images": tuple(images)})
 
 
+_BAD_OUTPUT_HINT = (
+    "the backend must return one PIL image or PNG/JPEG/WebP bytes per job, in order, of the "
+    "requested size; nothing of this batch was kept: fix the backend (or pick a --size the "
+    "model supports) and resume the thread"
+)
+
+
 async def _checked_outputs(
     outputs: object, jobs: list[GenerationJob], where: str
 ) -> list[CheckedImage]:
     """The encoded image of every job, or a GeneratorError naming the first bad one."""
-    hint = (
-        "the backend must return one PIL image or PNG/JPEG/WebP bytes per job, in order, of the "
-        "requested size; nothing of this batch was kept: fix the backend (or pick a --size the "
-        "model supports) and resume the thread"
-    )
+    hint = _BAD_OUTPUT_HINT
     if not isinstance(outputs, list | tuple):
         raise GeneratorError(
             f"{where}: the backend returned {type(outputs).__name__}, not a list of images",
