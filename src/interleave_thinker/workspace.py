@@ -119,8 +119,8 @@ class Workspace:
         """Render ``document`` as HTML to its place under ``documents/``, atomically."""
         path = self.document_path(thread_id)
         try:
-            # Rendered while written: the images are read (and their hashes checked) first,
-            # so a missing or damaged image stops the write before any file is made.
+            # Rendered in pieces before the write: the images are read (and their hashes
+            # checked) first, so a missing or damaged image stops the page before any file is made.
             page = list(render_html_chunks(document, self.image_store, thread_id=thread_id))
             # A page write a killed run left half-done is cleared first (a finished thread's
             # resume writes only this page, without opening a Context).

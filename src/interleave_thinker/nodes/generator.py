@@ -259,7 +259,6 @@ async def _check_and_store(
     """Check a backend's outputs, then store and record each image."""
     # PNG encoding and file writes release the GIL: a batch's images are handled in parallel
     # threads, each checked before any is stored.
-    jobs = [call.job for call in to_draw]
     if len(to_draw) == 1 and isinstance(outputs, list | tuple) and len(outputs) == 1:
         # One image: checked and stored in one worker-thread trip instead of two.
         return [
@@ -267,7 +266,7 @@ async def _check_and_store(
                 _check_store_and_record, context, thread_id, to_draw[0], outputs[0], where
             )
         ]
-    checked = await _checked_outputs(outputs, jobs, where)
+    checked = await _checked_outputs(outputs, [call.job for call in to_draw], where)
     return list(
         await asyncio.gather(
             *(

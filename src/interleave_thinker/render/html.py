@@ -143,7 +143,6 @@ class _Embedder:
 
     def __init__(self, store: ImageStorage) -> None:
         self._store = store
-        self._encoded: dict[str, str] = {}
         self._thumbs: dict[str, tuple[str, int, int]] = {}
         # The placeholders are NUL-delimited: escaped text never holds a NUL (see _e).
         self._payloads: list[str] = []
@@ -165,7 +164,6 @@ class _Embedder:
                 yield self._payloads[int(part)].encode("ascii")
             elif part:
                 yield part.encode("utf-8")
-
 
     def img(self, ref: ImageRef, alt: str, css_class: str = "") -> str:
         class_attr = f' class="{_e(css_class)}"' if css_class else ""

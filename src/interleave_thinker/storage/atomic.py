@@ -56,10 +56,8 @@ def write_atomically(
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
-            if isinstance(data, bytes | bytearray | memoryview):
-                handle.write(data)
-            else:
-                handle.writelines(data)
+            for piece in (data,) if isinstance(data, bytes | bytearray | memoryview) else data:
+                handle.write(piece)
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
