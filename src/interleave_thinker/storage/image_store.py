@@ -389,7 +389,7 @@ MAX_PREVIEW_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Preview:
-    """A JPEG copy of an image, at most PREVIEW_PIXELS on its longer side."""
+    """A small JPEG copy of an image (see :func:`make_preview`)."""
 
     jpeg: bytes
     width: int
