@@ -30,13 +30,9 @@ def image_block(ref: ImageRef) -> dict[str, str]:
     return {"type": "image", "file_id": f"{REF_PREFIX}{ref.sha256}", "mime_type": ref.media_type}
 
 
-def image_data_block(store: ImageStorage, ref: ImageRef) -> dict[str, str]:
+def image_data_block(store: ImageStorage, ref: ImageRef) -> dict[str, Any]:
     """A standard ``image`` block carrying the verified bytes of ``ref`` as base64."""
-    return {
-        "type": "image",
-        "base64": store.as_base64(ref),
-        "mime_type": ref.media_type,
-    }
+    return _data_block(ref, store.as_base64(ref), {})
 
 
 def inline_images(messages: Sequence[BaseMessage], store: ImageStorage) -> list[BaseMessage]:

@@ -734,11 +734,12 @@ def blank_image(width: int, height: int) -> Image.Image:
 
 
 @functools.lru_cache(maxsize=4)
-def _blank_png(width: int, height: int) -> CheckedImage:
-    # Encoded once per size and process: every trajectory's first critic call needs it.
+def blank_png(width: int, height: int) -> CheckedImage:
+    """:func:`blank_image` as PNG, encoded once per size and process (every trajectory's first
+    critic call needs it); callers must not change its pixels."""
     return png_image(blank_image(width, height))
 
 
 def blank_canvas(store: ImageStorage, width: int, height: int) -> ImageRef:
-    """:func:`blank_image` of the given size, stored."""
-    return store.put_checked(_blank_png(width, height))
+    """:func:`blank_png` of the given size, stored."""
+    return store.put_checked(blank_png(width, height))

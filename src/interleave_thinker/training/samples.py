@@ -30,7 +30,7 @@ from interleave_thinker.prompts.packs import (
 )
 from interleave_thinker.prompts.parsing import MAX_REASONING_CHARS
 from interleave_thinker.state import Attempt, Critique, ImageRef, Plan, Step
-from interleave_thinker.storage.image_store import CheckedImage, blank_image, image_ref, png_image
+from interleave_thinker.storage.image_store import CheckedImage, blank_png, image_ref
 from interleave_thinker.training.threads import Trajectory
 
 # What parse_verdict appends to a reasoning it had to cut: such a sample would teach the marker.
@@ -179,7 +179,7 @@ def critic_reply(critique: Critique, *, used_prompt: str, pack: PromptPack) -> s
 def white_canvas(width: int, height: int) -> tuple[ImageRef, CheckedImage]:
     """The white canvas the critic sees before the first step, byte for byte the one the graph
     stores (``storage.image_store.blank_canvas``), made here without writing to the store."""
-    checked = png_image(blank_image(width, height))
+    checked = blank_png(width, height)
     return image_ref(checked), checked
 
 
