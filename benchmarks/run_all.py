@@ -14,6 +14,7 @@ from benchmarks.common import Figure, machine_info, render_report
 
 MODULES = (
     "bench_orchestration",
+    "bench_sqlite_saver",
     "bench_checkpoints",
     "bench_resume",
     "bench_batching",

@@ -144,25 +144,25 @@ def _wrap_saver_method(cls: type, name: str, label: str) -> None:
 
 
 def _install_sqlite_points() -> None:
-    import aiosqlite
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+    from interleave_thinker.checkpoints.sqlite_saver import PUT_CHECKPOINT_SQL, OneTripSqliteSaver
 
-    _wrap_saver_method(AsyncSqliteSaver, "aput", "put")
-    _wrap_saver_method(AsyncSqliteSaver, "aput_writes", "writes")
-    commit = aiosqlite.Connection.commit
+    _wrap_saver_method(OneTripSqliteSaver, "aput", "put")
+    _wrap_saver_method(OneTripSqliteSaver, "aput_writes", "writes")
+    commit = OneTripSqliteSaver._commit
 
-    async def wrapped_commit(self: Any) -> None:
-        label = _saver_call.get()
-        if label is not None:
-            # The INSERT has run inside the open transaction; COMMIT has not.
-            _hit(f"{label}-before-commit")
-            if label == "put" and _reached("commit-race"):
-                delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-                hit = _counts["commit-race"]
-                threading.Timer(delay, _die, args=("commit-race", hit)).start()
-        await commit(self)
+    # Runs on aiosqlite's thread, between the insert and its COMMIT; the statement says which
+    # save it is (a context variable does not reach that thread).
+    def wrapped_commit(self: Any, connection: Any, sql: str) -> None:
+        label = "put" if sql == PUT_CHECKPOINT_SQL else "writes"
+        # The INSERT has run inside the open transaction; COMMIT has not.
+        _hit(f"{label}-before-commit")
+        if label == "put" and _reached("commit-race"):
+            delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+            hit = _counts["commit-race"]
+            threading.Timer(delay, _die, args=("commit-race", hit)).start()
+        commit(self, connection, sql)
 
-    aiosqlite.Connection.commit = wrapped_commit  # type: ignore[method-assign]
+    OneTripSqliteSaver._commit = wrapped_commit  # type: ignore[method-assign]
 
 
 def _on_server(cursor: Any) -> None:

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 SECTIONS = {
     "bench_orchestration": "a. Orchestration overhead",
+    "bench_sqlite_saver": "a. Orchestration overhead",
     "bench_checkpoints": "b. Checkpoint size",
     "bench_resume": "c. Resume latency",
 }
@@ -47,6 +48,7 @@ def test_quick_benchmarks_produce_figures_and_a_report(tmp_path: Path) -> None:
         assert rows, f"no figures in {section}"
         for cells in rows:
             assert cells[2] != "0" and cells[3] not in ("–", "nan"), cells
+    assert "| SQLite saves of one graph step" in text  # bench_sqlite_saver's row, in section a
 
 
 def test_report_rendering_and_checks() -> None:

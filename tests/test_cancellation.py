@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from PIL import Image
 
+from interleave_thinker.checkpoints.sqlite_saver import OneTripSqliteSaver
 from interleave_thinker.context import Backends
 from interleave_thinker.generators.base import GenerationJob
 from interleave_thinker.generators.stand_in import StandInImageGenerator
@@ -39,17 +39,17 @@ async def test_cancel_waits_for_checkpoint_writes_in_flight(
 ) -> None:
     started: list[int] = []
     finished: list[int] = []
-    original = AsyncSqliteSaver.aput_writes
+    original = OneTripSqliteSaver.aput_writes
 
     # Slow writes keep LangGraph's background writes of the previous step running while the
     # next generator call starts.
-    async def aput_writes(self: AsyncSqliteSaver, *args: Any, **kwargs: Any) -> None:
+    async def aput_writes(self: OneTripSqliteSaver, *args: Any, **kwargs: Any) -> None:
         started.append(len(started))
         await asyncio.sleep(WRITE_SECONDS)
         await original(self, *args, **kwargs)
         finished.append(len(finished))
 
-    monkeypatch.setattr(AsyncSqliteSaver, "aput_writes", aput_writes)
+    monkeypatch.setattr(OneTripSqliteSaver, "aput_writes", aput_writes)
     generator = SlowGenerator()
     backends = Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(), generator=generator)
     options = RunOptions(width=32, height=32)

@@ -152,10 +152,10 @@ async def test_a_database_locked_by_another_connection_stops_clearly_and_resumes
 async def test_a_disk_io_error_stops_clearly_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+    from interleave_thinker.checkpoints.sqlite_saver import OneTripSqliteSaver
 
     run_dir, url = _sqlite(tmp_path)
-    original = AsyncSqliteSaver.aput
+    original = OneTripSqliteSaver.aput
     calls = Counter[str]()
 
     async def failing_aput(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -164,10 +164,10 @@ async def test_a_disk_io_error_stops_clearly_and_resumes(
             raise sqlite3.OperationalError("disk I/O error")
         return await original(self, *args, **kwargs)
 
-    monkeypatch.setattr(AsyncSqliteSaver, "aput", failing_aput)
+    monkeypatch.setattr(OneTripSqliteSaver, "aput", failing_aput)
     await _fails_then_resumes(
         tmp_path, run_dir, url, ("the disk failed", "disk I/O error", "dmesg"),
-        undo=lambda: monkeypatch.setattr(AsyncSqliteSaver, "aput", original),
+        undo=lambda: monkeypatch.setattr(OneTripSqliteSaver, "aput", original),
     )
 
 
@@ -407,19 +407,19 @@ def _prompts(tmp_path: Path, count: int = 3) -> tuple[Path, list[str]]:
 async def test_a_batch_survives_one_prompts_storage_fault(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+    from interleave_thinker.checkpoints.sqlite_saver import OneTripSqliteSaver
 
     run_dir, url = _sqlite(tmp_path)
     prompts, ids = _prompts(tmp_path)
     doomed = thread_id_for(ids[1])
-    original = AsyncSqliteSaver.aput
+    original = OneTripSqliteSaver.aput
 
     async def full_for_one_thread(self: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
         if config["configurable"]["thread_id"] == doomed:
             raise sqlite3.OperationalError("database or disk is full")
         return await original(self, config, *args, **kwargs)
 
-    monkeypatch.setattr(AsyncSqliteSaver, "aput", full_for_one_thread)
+    monkeypatch.setattr(OneTripSqliteSaver, "aput", full_for_one_thread)
     backends, _ = _backends()
     report = await arun_batch(prompts, backends=backends, options=SMALL, concurrency=3,
                               run_dir=run_dir, checkpointer=url)
@@ -428,7 +428,7 @@ async def test_a_batch_survives_one_prompts_storage_fault(
     assert sorted(o.status for t, o in statuses.items() if t != doomed) == ["done", "done"]
     rows = [json.loads(line) for line in report.manifest.read_text().splitlines()]
     assert len(rows) == 3 and report.index.is_file()
-    monkeypatch.setattr(AsyncSqliteSaver, "aput", original)
+    monkeypatch.setattr(OneTripSqliteSaver, "aput", original)
     report = await arun_batch(prompts, backends=backends, options=SMALL, concurrency=3,
                               run_dir=run_dir, checkpointer=url)
     assert report.failed == 0

@@ -244,9 +244,9 @@ async def _setup_sqlite(saver: Any, conn: Any) -> None:
 @asynccontextmanager
 async def _open_sqlite(url: str) -> AsyncIterator[BaseCheckpointSaver]:
     import aiosqlite
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     from interleave_thinker.checkpoints.faults import storage_error
+    from interleave_thinker.checkpoints.sqlite_saver import OneTripSqliteSaver
 
     path = sqlite_path(url)
     try:
@@ -258,7 +258,7 @@ async def _open_sqlite(url: str) -> AsyncIterator[BaseCheckpointSaver]:
             raise
         raise translated from exc
     try:
-        saver = AsyncSqliteSaver(conn, serde=make_serializer())
+        saver = OneTripSqliteSaver(conn, serde=make_serializer())
         try:
             await _setup_sqlite(saver, conn)
         except sqlite3.Error as exc:
@@ -294,11 +294,12 @@ async def list_thread_ids(saver: BaseCheckpointSaver, *, subgraphs: bool = False
     """
     sql = _THREADS_SQL if subgraphs else _THREADS_SQL + _ROOT_ONLY_SQL
     connection = getattr(saver, "conn", None)
-    kind = type(saver).__name__
-    if kind == "AsyncSqliteSaver" and connection is not None:
+    # By class name along the MRO, so listing imports no saver package it does not use.
+    kinds = {cls.__name__ for cls in type(saver).__mro__}
+    if "AsyncSqliteSaver" in kinds and connection is not None:
         async with connection.execute(sql) as cursor:
             return [row[0] for row in await cursor.fetchall()]
-    if kind == "AsyncPostgresSaver" and hasattr(connection, "connection"):
+    if "AsyncPostgresSaver" in kinds and hasattr(connection, "connection"):
         async with connection.connection() as conn:
             rows = await (await conn.execute(sql)).fetchall()
         return [row["thread_id"] if isinstance(row, dict) else row[0] for row in rows]
