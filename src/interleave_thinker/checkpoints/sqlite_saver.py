@@ -41,8 +41,9 @@ class OneTripSqliteSaver(AsyncSqliteSaver):
 
     aiosqlite runs every call on its own thread and wakes the event loop for each result. The
     base class makes three such trips per checkpoint (execute, commit, close the cursor) and
-    four per set of pending writes, and a graph step awaits both: about 2 ms per step on a
-    2-core machine (benchmarks/REPORT.md, section h). Here the insert and its commit run as one
+    four per set of pending writes, and a graph step awaits both: about 1.2 ms per step on a
+    2-core machine, against 0.5 ms here (benchmarks/REPORT.md, section a, "SQLite saves of one
+    graph step"; a generator call takes two steps). Here the insert and its commit run as one
     function on that thread, in the same transaction, so what a crash can leave behind is the
     same: the rows of one save are committed together or not at all.
     """
