@@ -69,3 +69,40 @@ async def test_cancel_waits_for_checkpoint_writes_in_flight(
     monkeypatch.undo()
     result = await aresume("t", backends=backends, run_dir=tmp_path)
     assert [step.status for step in result.document.steps] == ["accepted"] * 3
+
+
+async def test_a_node_cancelled_before_its_route_is_run_again_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run is cancelled (as Ctrl-C cancels a batch's runs) between the planner's state update
+    and its conditional edge. LangGraph saves the update with the error; a plain resume would
+    take it as the planner's output and end the thread with no document."""
+    import interleave_thinker.graph as graph_module
+
+    route = graph_module._next_after_planning
+    runs: list[asyncio.Task[Any]] = []
+
+    async def cancelled_while_routing(state: Any) -> Any:
+        if len(runs) == 1:
+            runs[0].cancel()
+            await asyncio.sleep(0)  # where the cancel lands: inside the route, after the update
+        return route(state)
+
+    # The graph is compiled once per process: build one with this router, then the usual one.
+    graph_module._compiled_graph.cache_clear()
+    monkeypatch.setattr(graph_module, "_next_after_planning", cancelled_while_routing)
+    backends = Backends(planner=StandInPlannerModel(), critic=StandInCriticModel(),
+                        generator=StandInImageGenerator())
+    options = RunOptions(width=32, height=32)
+    try:
+        runs.append(asyncio.create_task(
+            arun("A cat. A dog.", backends=backends, options=options, run_dir=tmp_path,
+                 thread_id="t")
+        ))
+        with pytest.raises(asyncio.CancelledError):
+            await runs[0]
+        runs.append(runs[0])  # cancel once only
+        result = await aresume("t", backends=backends, run_dir=tmp_path)
+    finally:
+        graph_module._compiled_graph.cache_clear()
+    assert [step.status for step in result.document.steps] == ["accepted"] * 2

@@ -207,11 +207,18 @@ async def _drive(
 ) -> Document:
     # LangGraph's default (25 supersteps) is less than a long trajectory needs.
     limit = await thread_recursion_limit(graph, graph_input, thread_config(thread_id))
+    streamed = run_config(thread_id, limit, config, callbacks)
+    # A fresh input starts the thread; anything else continues it, perhaps from a cut-short step.
+    replay_from = None if isinstance(graph_input, dict) else await cut_short_step(graph, thread_id)
+    if replay_from is not None:
+        # See cut_short_step: continue from that checkpoint, not from the thread's newest.
+        checkpoint_id = replay_from["configurable"]["checkpoint_id"]
+        streamed["configurable"] = {**streamed["configurable"], "checkpoint_id": checkpoint_id}
     # Sync durability: every step's checkpoint is on disk before the next step starts, so a
     # hard kill loses at most the node that was running.
     async for event in graph.astream(
         graph_input,
-        run_config(thread_id, limit, config, callbacks),
+        streamed,
         context=context,
         durability="sync",
         stream_mode="custom",
@@ -331,6 +338,28 @@ async def run_thread(
     else:
         graph_input = trajectory_input(request, settings)
     return await _drive(graph, graph_input, thread_id, context, on_event, callbacks, config)
+
+
+async def cut_short_step(
+    graph: CompiledStateGraph[TrajectoryState, Context], thread_id: str
+) -> RunnableConfig | None:
+    """The checkpoint to continue from when a cancelled node left the thread with nothing to
+    run and no document, else None.
+
+    A node's state update and the conditional edge after it are two writes. LangGraph (1.2)
+    saves a task cancelled between them with its error *and* the update, and on resume takes
+    the update as the task's finished output: the state moves on with no route, so the thread
+    ends with no document. Replaying from the newest checkpoint with a failed task makes
+    LangGraph run that task again (a fork of the thread; images already drawn are reused from
+    the ledger).
+    """
+    now = await graph.aget_state(thread_config(thread_id))
+    if not now.values or now.next or now.values.get("document") is not None:
+        return None
+    async for past in graph.aget_state_history(thread_config(thread_id)):
+        if any(task.error is not None for task in past.tasks):
+            return past.config
+    return None
 
 
 async def aresume(
