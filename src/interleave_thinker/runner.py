@@ -351,7 +351,8 @@ async def cut_short_step(
     the update as the task's finished output: the state moves on with no route, so the thread
     ends with no document. Replaying from the newest checkpoint with a failed task makes
     LangGraph run that task again (a fork of the thread; images already drawn are reused from
-    the ledger).
+    the ledger). Upstream: langchain-ai/langgraph issue 8834 (open); once LangGraph reruns such
+    a task itself, this finds nothing to do.
     """
     now = await graph.aget_state(thread_config(thread_id))
     if not now.values or now.next or now.values.get("document") is not None:
